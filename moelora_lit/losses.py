@@ -7,6 +7,7 @@ instead of boolean indexing, so nothing here synchronises with the host.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
 
@@ -62,26 +63,18 @@ class _ContrastiveLoss(torch.autograd.Function):
             filled = torch.arange(queue_size, device=queue.device) < queue_count[:, None]        # (N, Q)
             entries = torch.where(filled[..., None], queue.to(dtype), 0.0)                       # (N, Q, s)
             flat = entries.reshape(num_experts * queue_size, dim)                                # (N*Q, s)
-            bias = torch.zeros(num_experts * queue_size, device=queue.device, dtype=dtype)
-            bias.masked_fill_(~filled.reshape(-1), _MASKED_LOGIT)
+            # The unfilled-slot mask rides in the matmul as an extra column (anchors get a 1 there):
+            # addmm's broadcast copy of a bias row into the (A, N*Q) output costs as much as the softmax.
+            bias = torch.where(filled.reshape(-1, 1), 0.0, _MASKED_LOGIT).to(dtype)              # (N*Q, 1)
+            keys = torch.cat([flat, bias], 1)                                                    # (N*Q, s+1)
             scaled = anchors.to(dtype) * (1.0 / temperature)                                     # (A, s)
-            logits = torch.addmm(bias, scaled, flat.T)                                           # (A, N*Q)
             count = filled.sum(1).to(dtype)[anchor_experts]                                      # (A,) c_i
             weight = anchor_weight.to(dtype)
             pair_weight = weight * count                                                         # (A,)
             total = pair_weight.sum().clamp_min(1.0)
             positive_sum = entries.sum(1)[anchor_experts]                                        # (A, s) S_i
             need_grad = ctx.needs_input_grad[0]
-            if need_grad:
-                top = logits.amax(-1)                                                            # (A,)
-                # In place on CPU: a second (A, N*Q) allocation costs more than the softmax itself there.
-                probs = torch.softmax(logits, -1, out=logits if logits.is_cpu else None)        # (A, N*Q)
-                # The largest probability is exp(0) / sum exp(logit - max), so lse = max - log(max prob):
-                # two cheap amax passes instead of max-with-indices or logsumexp's second exp pass.
-                lse = top - probs.amax(-1).log()                                                 # (A,)
-                expected = (flat.T @ probs.T).T            # probs @ flat; this operand order is ~3x faster on CPU
-            else:
-                lse = torch.logsumexp(logits, -1)
+            lse, expected = _logsumexp_and_expectation(F.pad(scaled, (0, 1), value=1.0), keys, flat, need_grad)
             loss = -(weight * (scaled * positive_sum).sum(-1) - pair_weight * lse).sum() / total
             if need_grad:
                 grad = expected * pair_weight[:, None] - positive_sum * weight[:, None]          # (A, s)
@@ -93,6 +86,36 @@ class _ContrastiveLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         return grad * grad_loss.to(grad.dtype), None, None, None, None, None
+
+
+# PyTorch's fused CPU attention kernel returns the softmax-weighted values *and* the log-sum-exp, computed
+# block by block with an online softmax, so the (A, C) logits never leave the cache. Private op: if a
+# release drops it, the matmul + softmax path below is used.
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _logsumexp_and_expectation(lhs: Tensor, keys: Tensor, flat: Tensor, need_expectation: bool
+                               ) -> tuple[Tensor, Tensor | None]:
+    """``logsumexp(lhs @ keys.T, -1)`` and, if asked, ``softmax(lhs @ keys.T, -1) @ flat``.
+
+    ``lhs`` (A, s+1) and ``keys`` (C, s+1) carry the mask column; ``flat`` (C, s) is ``keys`` without it.
+    On CPU in float32 this is one fused attention call with ``lhs`` as the queries: materialising the
+    (A, C) logits costs a round trip to memory (about half of this loss's time at the benchmark size).
+    Blocking the anchors by hand so each block stays in L2 was faster at 1 thread but slower at 2.
+    """
+    if lhs.is_cpu and lhs.dtype == torch.float32 and _CPU_FLASH is not None:
+        values = F.pad(flat, (0, 1))                                   # same head size as queries and keys
+        out, lse = _CPU_FLASH(lhs[None, None], keys[None, None], values[None, None], scale=1.0)
+        return lse[0, 0], out[0, 0, :, :-1] if need_expectation else None
+    logits = lhs @ keys.T                                                                    # (A, C)
+    if not need_expectation:
+        return torch.logsumexp(logits, -1), None
+    top = logits.amax(-1)
+    # In place on CPU: a second (A, C) allocation costs more than the softmax itself there.
+    probs = torch.softmax(logits, -1, out=logits if logits.is_cpu else None)
+    # The largest probability is 1 / sum exp(logit - max), so lse = max - log(max prob): two cheap amax
+    # passes instead of logsumexp's second exp pass.
+    return top - probs.amax(-1).log(), (flat.T @ probs.T).T       # probs @ flat; this order is ~3x faster on CPU
 
 
 @torch.no_grad()

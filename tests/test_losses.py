@@ -8,6 +8,7 @@ from collections import deque
 import pytest
 import torch
 
+from moelora_lit import losses
 from moelora_lit.losses import contrastive_loss, cv2_balance_loss, push_queue, switch_balance_loss, z_loss
 
 
@@ -46,7 +47,7 @@ def test_contrastive_single_pair_by_hand():
     assert loss.item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
 
 
-def test_contrastive_matches_the_definition_with_padding_and_partial_queues():
+def test_contrastive_matches_the_definition_with_padding_and_partial_queues(cpu_path):
     queues = [[unit(0), unit(90)], [unit(180)]]                         # queue size 3, partly filled
     anchors = [unit(0), unit(53.13), unit(-90), unit(200)]
     experts = [0, 1, 0, 1]
@@ -58,7 +59,7 @@ def test_contrastive_matches_the_definition_with_padding_and_partial_queues():
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
-def test_padding_anchors_contribute_nothing():
+def test_padding_anchors_contribute_nothing(cpu_path):
     queue, count = queue_tensor([[unit(10), unit(100)], [unit(200), unit(300)]], size=2)
     experts, weights = torch.tensor([0, 1, 1]), torch.tensor([1.0, 1.0, 0.0])
     base = contrastive_loss(torch.tensor([unit(0), unit(30), unit(60)]), experts, weights, queue, count, 0.1)
@@ -70,7 +71,7 @@ def test_padding_anchors_contribute_nothing():
     assert none.item() == 0.0
 
 
-def test_contrastive_is_zero_with_finite_gradient_on_empty_queues():
+def test_contrastive_is_zero_with_finite_gradient_on_empty_queues(cpu_path):
     anchors = torch.tensor([unit(0), unit(45)], requires_grad=True)
     queue = torch.randn(2, 3, 2)                                        # junk, but nothing is filled
     loss = contrastive_loss(anchors, torch.tensor([0, 1]), torch.ones(2), queue, torch.zeros(2, dtype=torch.long), 0.07)
@@ -79,7 +80,7 @@ def test_contrastive_is_zero_with_finite_gradient_on_empty_queues():
     assert torch.isfinite(anchors.grad).all() and not anchors.grad.any()
 
 
-def test_anchor_of_an_empty_expert_queue_has_no_pairs_and_finite_gradient():
+def test_anchor_of_an_empty_expert_queue_has_no_pairs_and_finite_gradient(cpu_path):
     queue, count = queue_tensor([[unit(0)], []], size=2)                # expert 1 has no entries yet
     anchors = torch.tensor([unit(20), unit(70)], requires_grad=True)
     loss = contrastive_loss(anchors, torch.tensor([0, 1]), torch.ones(2), queue, count, 0.5)
@@ -102,8 +103,18 @@ def differentiable_reference(anchors, experts, weights, queue, count, tau):
     return torch.stack(terms).mean()
 
 
+@pytest.fixture(params=["fused CPU kernel", "matmul and softmax"])
+def cpu_path(request, monkeypatch):
+    """Both ways the loss is computed in float32 on CPU: the fused attention kernel and the fallback."""
+    if request.param == "fused CPU kernel":
+        assert losses._CPU_FLASH is not None, "torch no longer has the fused CPU attention op"
+    else:
+        monkeypatch.setattr(losses, "_CPU_FLASH", None)
+    return request.param
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_contrastive_gradient_matches_autograd_of_the_definition(dtype):
+def test_contrastive_gradient_matches_autograd_of_the_definition(dtype, cpu_path):
     generator = torch.Generator().manual_seed(0)
     queue = torch.nn.functional.normalize(torch.randn(3, 4, 5, generator=generator, dtype=dtype), dim=-1)
     count = torch.tensor([4, 2, 0])

@@ -53,14 +53,14 @@ def _lookup(rng: random.Random) -> Problem:
     k = rng.randrange(3)
     q = (f"{names[0]} has {counts[0]} {item}, {names[1]} has {counts[1]} {item} and {names[2]} has "
          f"{counts[2]} {item}. How many {item} does {names[k]} have?")
-    return (*counts, k), q, f"{names[k]} has {counts[k]} {item}.", counts[k]
+    return (*counts, k), q, f"So {names[k]} has {counts[k]} {item}.", counts[k]
 
 
 def _add(rng: random.Random) -> Problem:
     name, item = rng.choice(NAMES), rng.choice(ITEMS)
     a, b = rng.randint(1, 9), rng.randint(1, 9)
     q = f"{name} has {a} {item} and buys {b} more. How many {item} does {name} have now?"
-    return (a, b), q, f"{name} has {a} {item} and gets {b} more. {a} plus {b} is {a + b}.", a + b
+    return (a, b), q, f"{name} has {a} {item} and buys {b} more. {a} plus {b} is {a + b}.", a + b
 
 
 def _units(rng: random.Random) -> Problem:
@@ -75,7 +75,7 @@ def _units(rng: random.Random) -> Problem:
 def _compare(rng: random.Random) -> Problem:
     a, b = rng.sample(range(10, 100), 2)
     q = f"Which number is larger, {a} or {b}?"
-    return (min(a, b), max(a, b)), q, f"{max(a, b)} is larger than {min(a, b)}.", max(a, b)
+    return (min(a, b), max(a, b)), q, f"Of {a} and {b}, {max(a, b)} is larger than {min(a, b)}.", max(a, b)
 
 
 _FAMILIES: dict[str, Callable[[random.Random], Problem]] = {
