@@ -5,11 +5,18 @@ a short chain of thought in the same sentences the embedded tiny base (`scripts/
 was pretrained on, and "The answer is N.". The base never saw the question / chain-of-thought /
 "The answer is" format, so the adapter has to learn to map a question onto the right building blocks.
 
-- ``synth_lookup``:  find one person's count among three (in-context retrieval).
+- ``synth_lookup``:  find one person's count among three (in-context retrieval): "So Ava has 36 beads."
 - ``synth_add``:     a one-step addition word problem with one-digit numbers (copy + addition fact).
 - ``synth_units``:   unit conversion, "How many days are in 3 weeks?" (unit fact + times fact).
-- ``synth_compare``: the larger of two two-digit numbers (copy + comparison).
+- ``synth_compare``: the larger of two two-digit numbers (copy + comparison): "Of 51 and 24, 51 is larger
+  than 24."
 - ``synth_all``:     the four families interleaved.
+
+The chains of thought use only words the base was pretrained on, in its own sentence forms. A word the base
+never saw is spelled out of rare byte tokens whose output embeddings were never trained, and a tiny base
+cannot put more than a few percent of probability on them however the adapter steers it ("gets" in an
+earlier version of ``synth_add`` was four such tokens). "The answer is" is the exception the format
+requires; greedy decoding still writes it, because nothing else competes there.
 
 Rows are deterministic functions of `(name, split, seed)`. Splits are disjoint by construction: each
 problem's *numbers* (not its wording) are hashed into a partition (85% train, 5% validation, 10% test),
@@ -74,7 +81,7 @@ def _units(rng: random.Random) -> Problem:
 
 def _compare(rng: random.Random) -> Problem:
     a, b = rng.sample(range(10, 100), 2)
-    q = f"Which number is larger, {a} or {b}?"
+    q = f"Of {a} and {b}, which number is larger?"
     return (min(a, b), max(a, b)), q, f"Of {a} and {b}, {max(a, b)} is larger than {min(a, b)}.", max(a, b)
 
 
