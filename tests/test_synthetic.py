@@ -101,3 +101,15 @@ def test_embedded_base_loads_offline_and_generates() -> None:
     assert out.shape[0] == 2 and enc.input_ids.shape[1] < out.shape[1] <= enc.input_ids.shape[1] + 4
     texts = tok.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     assert texts[0].startswith(" 12") and texts[1].startswith(" 12")  # a fact it learnt; a copy from context
+
+
+def test_chains_of_thought_use_whole_words_of_the_embedded_base() -> None:
+    """Every word after the first, up to "The answer is", is one token the base was pretrained on."""
+    transformers = pytest.importorskip("transformers")
+    tok = transformers.AutoTokenizer.from_pretrained(ASSET, local_files_only=True)
+    for name in SYNTHETIC_TASKS:
+        for row in synthetic_rows(name, "train", 100):
+            steps = row["output"].rsplit(" The answer is", 1)[0]
+            pieces = [tok.decode([i]) for i in tok(steps, add_special_tokens=False).input_ids]
+            words = re.findall(r" ?[^ .,]+|[.,]", steps)[1:]
+            assert pieces[-len(words):] == words, (name, steps, pieces)

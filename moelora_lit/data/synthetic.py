@@ -15,8 +15,9 @@ was pretrained on, and "The answer is N.". The base never saw the question / cha
 The chains of thought use only words the base was pretrained on, in its own sentence forms. A word the base
 never saw is spelled out of rare byte tokens whose output embeddings were never trained, and a tiny base
 cannot put more than a few percent of probability on them however the adapter steers it ("gets" in an
-earlier version of ``synth_add`` was four such tokens). "The answer is" is the exception the format
-requires; greedy decoding still writes it, because nothing else competes there.
+earlier version of ``synth_add`` was four such tokens). Two exceptions: "The answer is", which the format
+requires, and ``synth_lookup``'s line-initial "So" (the base saw " So" only mid-line, so it is two byte
+tokens); greedy decoding still writes both, because nothing else competes there.
 
 Rows are deterministic functions of `(name, split, seed)`. Splits are disjoint by construction: each
 problem's *numbers* (not its wording) are hashed into a partition (85% train, 5% validation, 10% test),
