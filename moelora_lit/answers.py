@@ -2,7 +2,9 @@
 
 The explicit final statement ("The answer is 576", "the correct answer is answer1", ``\\boxed{12}``)
 is read first, the last one in the text winning; only when there is none do we fall back to the
-LLM-Adapters rules (last number for math, first A-E for AQuA, first keyword for common sense).
+LLM-Adapters rules (last number for math, first A-E for AQuA, first keyword for common sense). That is
+``protocol="explicit"``, the default. ``protocol="llm_adapters"`` reproduces LLM-Adapters' ``evaluate.py`` /
+``commonsense_evaluate.py`` (AGI-Edgerunners/LLM-Adapters) exactly, for numbers comparable with published tables.
 Dependency-free on purpose (``re`` and ``math`` only).
 """
 
@@ -13,13 +15,17 @@ import re
 
 __all__ = [
     "ANSWER_KINDS",
+    "PROTOCOLS",
     "answer_kind",
     "canonical_dataset",
     "explicit_answer",
     "extract_answer",
     "is_correct",
     "normalize_gold",
+    "reference_answer",
 ]
+
+PROTOCOLS = ("explicit", "llm_adapters")
 
 ANSWER_KINDS: dict[str, str] = {
     **dict.fromkeys(["math_10k", "gsm8k", "svamp", "addsub", "multiarith", "singleeq", "mawps"], "number"),
@@ -184,15 +190,54 @@ def _fallback(dataset: str, kind: str, text: str) -> str | None:
     return found.group(1).lower() if found else None
 
 
-def extract_answer(dataset: str, text: str) -> str | None:
+# LLM-Adapters' reference rules, case-sensitive and without word boundaries as there: the generation is the text
+# after the prompt's "### Response:" and before any further "### Response:" the model writes, stripped.
+_REF_NUMBER = re.compile(r"-?\d+\.?\d*")
+_REF_LETTER = re.compile(r"A|B|C|D|E")
+_REF_KEYWORDS: dict[str, re.Pattern[str]] = {
+    "bool": re.compile(r"true|false"),
+    **{name: re.compile(fam) for name, fam in _LABEL_FAMILIES.items()},  # "solution[12]" = "solution1|solution2"
+}
+
+
+def reference_answer(dataset: str, text: str) -> str | None:
+    """LLM-Adapters' extraction (``protocol="llm_adapters"``): the last ``-?\\d+\\.?\\d*`` after removing commas
+    (math, MAWPS included), the first capital A-E anywhere (AQuA), the first keyword, lowercase only (common sense).
+
+    Returns:
+        The answer normalised like ``normalize_gold`` (numbers) or as matched, or None (LLM-Adapters: inf / "").
+    """
+    kind = answer_kind(dataset)
+    text = text.split("### Response:")[0].strip()
+    if kind == "number":
+        numbers = _REF_NUMBER.findall(text.replace(",", ""))
+        return _float_str(float(numbers[-1])) if numbers else None
+    key = "bool" if kind == "bool" else canonical_dataset(dataset)
+    found = (_REF_LETTER if kind == "letter" else _REF_KEYWORDS[key]).search(text)
+    return found.group(0) if found else None
+
+
+def _check_protocol(protocol: str) -> None:
+    if protocol not in PROTOCOLS:
+        raise ValueError(f"answer protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+
+
+def extract_answer(dataset: str, text: str, protocol: str = "explicit") -> str | None:
     """Extract the predicted answer from a generation, normalised like ``normalize_gold``.
+
+    Args:
+        protocol: ``"explicit"`` (the last explicit statement, else LLM-Adapters-like fallbacks) or
+            ``"llm_adapters"`` (their rules exactly, see :func:`reference_answer`).
 
     Returns:
         The answer string (e.g. "576", "-3.5", "D", "true", "answer1"), or None if nothing was found.
     """
+    _check_protocol(protocol)
     kind = answer_kind(dataset)
     if not text:
         return None
+    if protocol == "llm_adapters":
+        return reference_answer(dataset, text)
     stated = explicit_answer(dataset, text)
     return stated if stated is not None else _fallback(dataset, kind, text)
 
@@ -232,16 +277,18 @@ def normalize_gold(dataset: str, gold: str) -> str:
     return raw.lower()
 
 
-def is_correct(dataset: str, text: str, gold: str) -> bool:
-    """Whether the generation's extracted answer matches gold (numbers: abs tolerance 1e-3).
+def is_correct(dataset: str, text: str, gold: str, protocol: str = "explicit") -> bool:
+    """Whether the generation's extracted answer matches gold (numbers: abs tolerance 1e-3, LLM-Adapters' ``miss``).
+
+    Under ``protocol="llm_adapters"`` labels are compared as strings, case-sensitive, as LLM-Adapters does.
 
     Raises:
-        ValueError: if gold is not of the dataset's answer kind.
+        ValueError: if gold is not of the dataset's answer kind, or the protocol is unknown.
     """
     target = normalize_gold(dataset, gold)
-    pred = extract_answer(dataset, text)
+    pred = extract_answer(dataset, text, protocol)
     if pred is None:
         return False
     if answer_kind(dataset) == "number":
-        return math.isclose(float(pred), float(target), rel_tol=0.0, abs_tol=TOLERANCE)
+        return abs(float(target) - float(pred)) <= TOLERANCE
     return pred == target

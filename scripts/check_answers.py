@@ -6,7 +6,9 @@ For every ``<data-dir>/*/test.json`` this prints one markdown table row with
    independent token-based reading of the last "answer is" sentence finds one), and ``stated=ours``: the
    share of those where ``extract_answer`` returns that stated answer (must be >= 99%);
 2. ``ours`` vs ``LLM-Adapters``: correct rows under ``is_correct`` and under LLM-Adapters' own rules
-   (re-implemented below); ours must be >= theirs minus half a percentage point.
+   (re-implemented below); ours must be >= theirs minus half a percentage point;
+3. ``llm_adapters=theirs``: rows where ``is_correct(..., protocol="llm_adapters")`` gives the same verdict as
+   that re-implementation (must be every row).
 
 Usage: ``python scripts/check_answers.py [--data-dir ../shared/data/llm-adapters] [--show 5]``.
 Exits 1 if any dataset fails a check.
@@ -127,7 +129,7 @@ def _same(dataset: str, pred: str | None, stated: str | None) -> bool:
 def check_dataset(name: str, rows: list[dict]) -> dict:
     """Run both checks on one dataset's rows (``output`` as the generation, ``answer`` as gold)."""
     res = {"dataset": name, "kind": answer_kind(name), "rows": len(rows), "bad_gold": 0, "explicit": 0}
-    res.update(stated_ok=0, ours=0, theirs=0, stated_misses=[], ours_only=[], theirs_only=[])
+    res.update(stated_ok=0, ours=0, theirs=0, protocol_agree=0, stated_misses=[], ours_only=[], theirs_only=[])
     for i, row in enumerate(rows):
         text, gold = row.get("output") or "", str(row["answer"])
         try:
@@ -145,12 +147,14 @@ def check_dataset(name: str, rows: list[dict]) -> dict:
         ours, theirs = is_correct(name, text, gold), llm_adapters_correct(name, text, gold)
         res["ours"] += ours
         res["theirs"] += theirs
+        res["protocol_agree"] += is_correct(name, text, gold, protocol="llm_adapters") == theirs
         if ours != theirs:
             res["ours_only" if ours else "theirs_only"].append(i)
     n = max(res["rows"], 1)
     res["stated_pct"] = 100.0 * res["stated_ok"] / res["explicit"] if res["explicit"] else None
     res["gap_pp"] = 100.0 * (res["ours"] - res["theirs"]) / n
-    res["ok"] = (res["stated_pct"] is None or res["stated_pct"] >= MIN_STATED_PCT) and res["gap_pp"] >= -MAX_GAP_PP
+    res["ok"] = ((res["stated_pct"] is None or res["stated_pct"] >= MIN_STATED_PCT) and res["gap_pp"] >= -MAX_GAP_PP
+                 and res["protocol_agree"] == res["rows"] - res["bad_gold"])
     return res
 
 
@@ -166,14 +170,15 @@ def check_dir(data_dir: Path) -> list[dict]:
 def format_table(results: list[dict]) -> str:
     """Markdown table, one row per dataset."""
     lines = [
-        "| dataset | kind | rows | explicit | stated=ours | ours correct | LLM-Adapters correct | gap (pp) | ok |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        "| dataset | kind | rows | explicit | stated=ours | ours correct | LLM-Adapters correct | gap (pp) "
+        "| llm_adapters=theirs | ok |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
     for r in results:
         pct = "n/a" if r["stated_pct"] is None else f"{r['stated_pct']:.2f}%"
         lines.append(
             f"| {r['dataset']} | {r['kind']} | {r['rows']} | {r['explicit']} | {pct} | {r['ours']} "
-            f"| {r['theirs']} | {r['gap_pp']:+.2f} | {'yes' if r['ok'] else 'NO'} |"
+            f"| {r['theirs']} | {r['gap_pp']:+.2f} | {r['protocol_agree']} | {'yes' if r['ok'] else 'NO'} |"
         )
     return "\n".join(lines)
 
