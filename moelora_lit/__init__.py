@@ -7,6 +7,7 @@ from moelora_lit.inject import (
     inject_moelora,
     load_adapter,
     moelora_layers,
+    push_queues,
     save_adapter,
     set_token_mask,
 )
@@ -22,6 +23,7 @@ __all__ = [
     "inject_moelora",
     "load_adapter",
     "moelora_layers",
+    "push_queues",
     "save_adapter",
     "set_token_mask",
 ]

@@ -79,6 +79,12 @@ class MoELoRAConfig:
         for name in ("contrastive_weight", "balance_weight", "z_loss_weight", "lora_alpha"):
             if not 0 <= float(getattr(self, name)) < float("inf"):
                 fail(name, "must be a finite number >= 0")
+        if self.router == "dense" and self.balance_loss == "switch" and self.balance_weight > 0:
+            raise ValueError(
+                "MoELoRAConfig.balance_loss='switch' with router='dense' is the constant 1 (every expert receives "
+                "every token, so f_i = 1/N and sum P_i = 1): it cannot balance anything. Use balance_loss='cv2', "
+                "router='topk', or balance_weight=0."
+            )
         if not self.contrastive_temperature > 0:
             fail("contrastive_temperature", "must be > 0")
         if not 0 <= self.lora_dropout < 1:

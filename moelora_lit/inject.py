@@ -6,7 +6,8 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterator
+import zlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -74,7 +75,9 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> list[str]:
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, MoELoRALinear(module, config).train(module.training))
+        layer = MoELoRALinear(module, config).train(module.training)
+        layer.eval_seed = zlib.crc32(name.encode())  # the random router's eval gates: fixed per layer
+        setattr(parent, child, layer)
     model.moelora_config = config
     return [name for name, _ in targets]
 
@@ -96,6 +99,8 @@ def collect_aux_losses(model: nn.Module) -> dict[str, Tensor]:
     if not layers:
         raise ValueError("collect_aux_losses: the model has no MoELoRA layers; call inject_moelora first")
     config = layers[0].config
+    if model.training and (config.contrastive_weight or config.balance_weight or config.z_loss_weight):
+        check_checkpointing(model)
     device = layers[0].lora_A.weight.device
     weights = {"contrastive": config.contrastive_weight, "balance": config.balance_weight,
                "z": config.z_loss_weight}
@@ -107,6 +112,59 @@ def collect_aux_losses(model: nn.Module) -> dict[str, Tensor]:
             total = total / len(layers)
         out[key] = weight * total
     return out
+
+
+def check_checkpointing(model: nn.Module) -> None:
+    """Refuse reentrant gradient checkpointing: its first forward runs without autograd, so every auxiliary
+    term of DESIGN 1.5 would silently be 0 with no gradient. Non-reentrant checkpointing is exact."""
+    for name, module in model.named_modules():
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        if getattr(module, "gradient_checkpointing", False) and func is not None:
+            if getattr(func, "keywords", {}).get("use_reentrant", True):
+                raise ValueError(
+                    f"{name or type(model).__name__} uses reentrant gradient checkpointing (use_reentrant=True), "
+                    "which drops MoELoRA's contrastive, balance and z losses. Enable it with "
+                    "gradient_checkpointing_kwargs={'use_reentrant': False} (model.gradient_checkpointing=true "
+                    "does), or set the auxiliary loss weights to 0."
+                )
+
+
+@torch.no_grad()
+def push_queues(model: nn.Module, all_gather: Callable[[Tensor], Tensor] | None = None) -> None:
+    """Push every layer's pending anchors into its contrastive queue (call after each backward).
+
+    Args:
+        all_gather: under data parallelism, maps a local tensor to the stacked ``(world, ...)`` tensors of all
+            ranks (e.g. ``LightningModule.all_gather``). All ranks' anchors are then pushed, rank by rank, on
+            every rank, so the queues stay identical everywhere (MoCo across devices). Shapes differ between
+            ranks, so the anchors travel padded to the largest rank's count, with zero weight.
+    """
+    layers = [layer for _, layer in moelora_layers(model)]
+    if all_gather is None:
+        for layer in layers:
+            layer.push_pending()
+        return
+    device = layers[0].lora_A.weight.device if layers else torch.device("cpu")
+    dim = max((layer.config.expert_rank for layer in layers), default=1)
+    rows, counts = [], []
+    for layer in layers:  # one (A, dim + 2) block per layer: anchor, expert, weight
+        anchors, experts, weight = layer.pending if layer.pending is not None else (
+            torch.zeros(0, dim, device=device), torch.zeros(0, device=device), torch.zeros(0, device=device))
+        rows.append(torch.cat([nn.functional.pad(anchors.float(), (0, dim - anchors.shape[1])),
+                               experts.float()[:, None], weight.float()[:, None]], 1))
+        counts.append(anchors.shape[0])
+        layer.pending = None
+    local = torch.cat(rows) if rows else torch.zeros(0, dim + 2, device=device)
+    all_counts = all_gather(torch.tensor(counts, device=device, dtype=torch.long)).reshape(-1, len(layers))
+    size = int(all_counts.sum(1).max()) if len(layers) else 0
+    padded = nn.functional.pad(local, (0, 0, 0, size - local.shape[0]))
+    gathered = all_gather(padded).reshape(-1, size, dim + 2)                   # (world, size, dim + 2)
+    for i, layer in enumerate(layers):
+        starts = all_counts[:, :i].sum(1).tolist()
+        parts = [gathered[w, start:start + int(all_counts[w, i])] for w, start in enumerate(starts)]
+        block = torch.cat(parts)                                                # all ranks, in rank order
+        s = layer.config.expert_rank
+        layer.push_pending((block[:, :s].to(layer.contrastive_queue.dtype), block[:, dim].long(), block[:, dim + 1]))
 
 
 def adapter_state_dict(model: nn.Module, include_queues: bool = False) -> dict[str, Tensor]:

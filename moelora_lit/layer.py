@@ -27,9 +27,9 @@ def base_features(base_layer: nn.Module) -> tuple[int, int]:
 
 def route(
     logits: Tensor | None, router: str, top_k: int, num_experts: int, tokens: int, like: Tensor,
-    noise_std: Tensor | None = None,
+    noise_std: Tensor | None = None, generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Gates of DESIGN 1.2.
+    """Gates of DESIGN 1.2. ``generator`` (random router only) draws the gates; None uses the global RNG.
 
     Returns:
         gates: (T, N), zero for experts a token does not use, rows summing to 1.
@@ -37,7 +37,7 @@ def route(
             N for ``dense``/``random``), so contrastive anchors are gathered with fixed shapes.
     """
     if router == "random":
-        weights = torch.rand(tokens, num_experts, device=like.device, dtype=torch.float32)
+        weights = torch.rand(tokens, num_experts, device=like.device, dtype=torch.float32, generator=generator)
         gates = weights / weights.sum(-1, keepdim=True)
         return gates, torch.arange(num_experts, device=like.device).expand(tokens, num_experts)
     assert logits is not None
@@ -49,6 +49,11 @@ def route(
     kept, chosen = logits.topk(top_k, dim=-1)                           # (T, K)
     gates = torch.zeros_like(logits).scatter(-1, chosen, kept.softmax(-1))
     return gates, chosen
+
+
+def in_backward() -> bool:
+    """True while autograd's engine runs a backward pass (e.g. a checkpointed forward being recomputed)."""
+    return torch._C._current_graph_task_id() != -1
 
 
 class MoELoRALinear(nn.Module):
@@ -64,6 +69,15 @@ class MoELoRALinear(nn.Module):
         token_mask: set by :func:`moelora_lit.inject.set_token_mask` before a forward; used when its
             size matches the tokens of the input (ignored otherwise, e.g. in cached decoding steps).
         aux_losses: unweighted auxiliary terms of the latest training forward (empty otherwise).
+        eval_seed: seed of the ``random`` router in eval mode (set per layer by ``inject_moelora``).
+
+    Queue updates (DESIGN 1.3) are deferred: a training forward scores its anchors against the queue and
+    keeps them as :attr:`pending`; :meth:`push_pending` writes them (the Lightning module calls it after each
+    backward, gathering all ranks' anchors under DDP; otherwise the next training forward does). A forward
+    that gradient checkpointing recomputes inside backward therefore sees the same queue and pushes nothing.
+
+    The ``random`` router draws fresh gates from the global RNG in training; in eval mode it re-seeds a
+    generator with :attr:`eval_seed` at every forward, so the same input gives the same gates and outputs.
     """
 
     def __init__(self, base_layer: nn.Module, config: MoELoRAConfig) -> None:
@@ -92,6 +106,8 @@ class MoELoRALinear(nn.Module):
         self.last_gates: Tensor | None = None
         self.last_token_mask: Tensor | None = None
         self.aux_losses: dict[str, Tensor] = {}
+        self.pending: tuple[Tensor, Tensor, Tensor] | None = None  # (anchors (A, s), experts (A,), weights (A,))
+        self.eval_seed = 0
 
     def reset_adapter_parameters(self) -> None:
         """PEFT LoRA init: A kaiming-uniform(a=sqrt(5)), B zeros (so outputs equal the base's at init)."""
@@ -115,7 +131,10 @@ class MoELoRALinear(nn.Module):
         noise_std = None
         if self.router_noise is not None and self.training:
             noise_std = F.softplus(self.router_noise(x_flat))
-        gates, chosen = route(logits, c.router, c.top_k, c.num_experts, tokens, x_flat, noise_std)
+        generator = None
+        if c.router == "random" and not self.training:                  # reproducible evaluation
+            generator = torch.Generator(device=x.device).manual_seed(self.eval_seed)
+        gates, chosen = route(logits, c.router, c.top_k, c.num_experts, tokens, x_flat, noise_std, generator)
         a = self.lora_A(self.lora_dropout(x_flat))                                     # (T, r)
         scaled = (gates * self.scaling).to(a.dtype)                                    # (T, N)
         mixed = (a.view(tokens, c.num_experts, -1) * scaled[..., None]).view(tokens, -1)  # (T, r)
@@ -133,8 +152,11 @@ class MoELoRALinear(nn.Module):
 
     def _aux(self, a: Tensor, gates: Tensor, chosen: Tensor, logits: Tensor | None,
              mask: Tensor | None) -> dict[str, Tensor]:
-        """Unweighted auxiliary terms of DESIGN 1.3-1.4 for this forward; pushes the queues."""
+        """Unweighted auxiliary terms of DESIGN 1.3-1.4 for this forward; keeps the anchors as :attr:`pending`."""
         c = self.config
+        recomputed = in_backward()  # gradient checkpointing re-running this forward: same queue, no new entries
+        if not recomputed:
+            self.push_pending()   # the previous step's anchors, if nobody pushed them after its backward
         tokens = gates.shape[0]
         weight = gates.new_ones(tokens) if mask is None else mask.to(gates.dtype)     # (T,)
         out: dict[str, Tensor] = {}
@@ -149,17 +171,30 @@ class MoELoRALinear(nn.Module):
                 anchors, experts, anchor_weight,
                 self.contrastive_queue, self.contrastive_queue_count, c.contrastive_temperature,
             )
-            # Buffers are re-assigned, not written in place: the loss above still needs the old queue.
-            self.contrastive_queue, self.contrastive_queue_ptr, self.contrastive_queue_count = push_queue(
-                self.contrastive_queue, self.contrastive_queue_ptr, self.contrastive_queue_count,
-                anchors.detach(), experts, anchor_weight,
-            )
+            if not recomputed:
+                self.pending = (anchors.detach(), experts, anchor_weight.detach())
         if logits is not None and c.balance_weight > 0:
             out["balance"] = (cv2_balance_loss(gates, weight) if c.balance_loss == "cv2"
                               else switch_balance_loss(gates, logits, weight))
         if logits is not None and c.z_loss_weight > 0:
             out["z"] = z_loss(logits, weight)
         return out
+
+    @torch.no_grad()
+    def push_pending(self, entries: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+        """Write ``entries`` (default: :attr:`pending`) into the queues, in place, and clear :attr:`pending`.
+
+        In place, so DDP's buffer broadcast and the optimizer-free checkpoint both see the new queue.
+        """
+        entries = self.pending if entries is None else entries
+        self.pending = None
+        if entries is None:
+            return
+        queue, ptr, count = push_queue(self.contrastive_queue, self.contrastive_queue_ptr,
+                                       self.contrastive_queue_count, *entries)
+        self.contrastive_queue.copy_(queue)
+        self.contrastive_queue_ptr.copy_(ptr)
+        self.contrastive_queue_count.copy_(count)
 
     def extra_repr(self) -> str:
         c = self.config

@@ -16,6 +16,7 @@ from moelora_lit import (
     inject_moelora,
     load_adapter,
     moelora_layers,
+    push_queues,
     save_adapter,
     set_token_mask,
 )
@@ -190,6 +191,7 @@ def test_token_mask_keeps_padding_out_of_every_queue():
     batch = token_batch(batch=2, seq=8, pad=3)                           # 13 real tokens
     set_token_mask(model, batch["attention_mask"])
     logits(model, batch, grad=True)
+    push_queues(model)
     for _, layer in moelora_layers(model):
         assert layer.contrastive_queue_count.sum().item() == 13 * 2
 
@@ -204,7 +206,8 @@ def saved(tmp_path):
     config = adapter_config(router="noisy", contrastive_weight=0.1)
     inject_moelora(model, config)
     randomize_adapter(model)
-    logits(model, token_batch(), grad=True)                             # pushes the queues
+    logits(model, token_batch(), grad=True)
+    push_queues(model)
     assert any(layer.contrastive_queue_count.any() for _, layer in moelora_layers(model))
     save_adapter(model.eval(), tmp_path)
     return model, config, tmp_path

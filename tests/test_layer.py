@@ -189,7 +189,9 @@ def test_contrastive_loss_of_a_step_uses_only_earlier_steps():
     x = inputs(2, 5, IN)
     layer(x)
     assert layer.aux_losses["contrastive"].item() == 0.0               # first step: empty queue
-    assert layer.contrastive_queue_count.sum().item() == 10 * 2        # then its anchors were pushed
+    assert not layer.contrastive_queue_count.any()                      # anchors wait for the push after backward
+    layer.push_pending()
+    assert layer.contrastive_queue_count.sum().item() == 10 * 2 and layer.pending is None
     queue, count = layer.contrastive_queue.clone(), layer.contrastive_queue_count.clone()
 
     x2 = inputs(2, 5, IN, seed=1)
@@ -201,7 +203,9 @@ def test_contrastive_loss_of_a_step_uses_only_earlier_steps():
     got = layer.aux_losses["contrastive"]
     assert got.item() > 0
     torch.testing.assert_close(got, expected)
-    assert layer.contrastive_queue_count.sum().item() == 40
+    assert layer.contrastive_queue_count.sum().item() == 20
+    layer(x2)                                                           # no push after backward: the next forward
+    assert layer.contrastive_queue_count.sum().item() == 40            # pushes the previous step's anchors first
 
 
 def test_token_mask_keeps_padding_out_of_queue_and_balance():
@@ -210,12 +214,14 @@ def test_token_mask_keeps_padding_out_of_queue_and_balance():
     mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
     layer.token_mask = mask
     layer(x)
+    layer.push_pending()
     real = mask.reshape(-1).bool()
     assert torch.equal(layer.last_token_mask, real)
     assert layer.contrastive_queue_count.sum().item() == 7 * 2
     torch.testing.assert_close(layer.aux_losses["balance"], cv2_balance_loss(layer.last_gates[real], torch.ones(7)))
     layer.token_mask = torch.ones(3, 3)                                 # wrong size (e.g. cached decoding): ignored
     layer(x)
+    layer.push_pending()
     assert layer.last_token_mask is None
     assert layer.contrastive_queue_count.sum().item() == 7 * 2 + 10 * 2
 
