@@ -3,6 +3,9 @@
 Bad input (config, paths, data) ends in one ``error: <message>`` line on stderr and exit code 2, a
 non-finite loss in exit code 1, SIGINT / SIGTERM during fit in a checkpoint and exit code 130 / 143.
 ``MOELORA_DEBUG=1`` shows the full traceback instead.
+Two tools run before LightningCLI: ``python -m moelora_lit data prepare --source SRC --out DIR`` (LLM-Adapters'
+data, checksummed; :mod:`moelora_lit.data.prepare`) and ``python -m moelora_lit report RUN_DIR... [--csv FILE]``
+(:mod:`moelora_lit.report`).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # them (LightningCLI otherwise replaces every model.* value with the checkpoint's hyper-parameters, so a base
 # model moved to another folder or machine could not be resumed).
 RUNTIME_KEYS = ("base_model", "init_adapter", "torch_dtype", "trust_remote_code", "gradient_checkpointing",
-                "max_new_tokens", "generate_on_validation")
+                "max_new_tokens", "generate_on_validation", "answer_protocol", "num_beams")
 
 
 class MoELoRACLI(LightningCLI):
@@ -96,11 +99,39 @@ class MoELoRACLI(LightningCLI):
     def after_fit(self) -> None:
         config = self.config.get(self.subcommand, {})
         if config.get("test_after_fit", True) and getattr(self.datamodule, "test_names", None):
-            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False)
+            best = best_checkpoint(self.trainer)  # with a monitored ModelCheckpoint: its best, as LLM-Adapters
+            self.trainer.test(self.model, datamodule=self.datamodule, verbose=False, ckpt_path=best,
+                              weights_only=True if best else None)
+
+
+def best_checkpoint(trainer: Any) -> str | None:
+    """The best checkpoint of the first ``ModelCheckpoint`` that monitors a metric, if it has written one."""
+    for callback in trainer.checkpoint_callbacks:
+        path = getattr(callback, "best_model_path", "")
+        if getattr(callback, "monitor", None) and path and os.path.isfile(path):
+            return path
+    return None
+
+
+def _run_tool(args: list[str]) -> int | None:
+    """``data prepare ...`` and ``report ...``: their exit code; None for LightningCLI's subcommands."""
+    if args[:2] == ["data", "prepare"]:
+        from moelora_lit.data.prepare import main as prepare
+
+        return prepare(args[2:])
+    if args[:1] == ["report"]:
+        from moelora_lit.report import main as report
+
+        return report(args[1:])
+    return None
 
 
 def main(args: list[str] | None = None) -> MoELoRACLI:
     """Run the CLI; on bad input print ``error: <message>`` and exit 2 (``MOELORA_DEBUG=1``: traceback)."""
+    argv = sys.argv[1:] if args is None else args
+    code = _run_tool(list(argv)) if isinstance(argv, (list, tuple)) else None
+    if code is not None:
+        sys.exit(code)
     parser_kwargs: dict[str, Any] = {"exit_on_error": False, **{s: {"exit_on_error": False} for s in SUBCOMMANDS}}
     try:
         return MoELoRACLI(MoELoRAModule, ReasoningDataModule, save_config_kwargs={"overwrite": True},

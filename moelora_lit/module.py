@@ -13,7 +13,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
-from moelora_lit.answers import extract_answer, is_correct
+from moelora_lit.answers import PROTOCOLS, extract_answer, is_correct
 from moelora_lit.config import MoELoRAConfig
 from moelora_lit.generation import generate_texts
 from moelora_lit.hub import DEFAULT_BASE, DTYPES, build_meta_model, load_base_model, load_tokenizer, resolve_base_model
@@ -56,6 +56,9 @@ class MoELoRAModule(L.LightningModule):
         lr_scheduler: optional LR scheduler factory, stepped every optimizer step.
         max_new_tokens: generation budget for validation/test/predict.
         generate_on_validation: also compute ``val/acc/<dataset>`` by generation (else loss only).
+        answer_protocol: how generations are scored: ``explicit`` (the stated answer first) or ``llm_adapters``
+            (LLM-Adapters' ``evaluate.py`` rules exactly; see :mod:`moelora_lit.answers`).
+        num_beams: 1 for greedy decoding; LLM-Adapters evaluates with 4 beams.
     """
 
     def __init__(
@@ -71,10 +74,16 @@ class MoELoRAModule(L.LightningModule):
         lr_scheduler: LRSchedulerCallable | None = None,
         max_new_tokens: int = 256,
         generate_on_validation: bool = True,
+        answer_protocol: str = "explicit",
+        num_beams: int = 1,
     ) -> None:
         super().__init__()
         if torch_dtype not in DTYPES:
             raise ValueError(f"model.torch_dtype={torch_dtype!r}: choose one of {', '.join(DTYPES)}")
+        if answer_protocol not in PROTOCOLS:
+            raise ValueError(f"model.answer_protocol={answer_protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+        if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
+            raise ValueError(f"model.num_beams must be an integer >= 1, got {num_beams!r}")
         if init_adapter is not None:
             try:
                 read_adapter_config(init_adapter)
@@ -93,6 +102,7 @@ class MoELoRAModule(L.LightningModule):
         self.scheduler_factory = lr_scheduler
         self.max_new_tokens = max_new_tokens
         self.generate_on_validation = generate_on_validation
+        self.answer_protocol, self.num_beams = answer_protocol, num_beams
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "adapter"])
         self.hparams["adapter"] = dataclasses.asdict(self.adapter_config)
         self._check_targets()
@@ -179,14 +189,14 @@ class MoELoRAModule(L.LightningModule):
         return names[dataloader_idx] if dataloader_idx < len(names) else f"dataset_{dataloader_idx}"
 
     def _score(self, batch: dict[str, Any], name: str) -> list[dict[str, Any]]:
-        """Greedy-generate answers for a batch and update the per-dataset accuracy metrics."""
-        texts = generate_texts(self, batch, self.max_new_tokens)
+        """Generate answers for a batch (greedy or beam search) and update the per-dataset accuracy metrics."""
+        texts = generate_texts(self, batch, self.max_new_tokens, self.num_beams)
         tasks = batch.get("task") or [name] * len(texts)  # the registry name decides the answer format
         rows = []
         for prompt, text, gold, task in zip(batch["prompt"], texts, batch["answer"], tasks, strict=True):
             rows.append({"dataset": name, "prompt": prompt, "generation": text,
-                         "extracted": extract_answer(task, text), "gold": gold,
-                         "correct": is_correct(task, text, gold)})
+                         "extracted": extract_answer(task, text, self.answer_protocol), "gold": gold,
+                         "correct": is_correct(task, text, gold, self.answer_protocol)})
         key = self._metric_key(name)
         self.correct[key].update(torch.tensor(float(sum(r["correct"] for r in rows)), device=self.device))
         self.total[key].update(torch.tensor(float(len(rows)), device=self.device))
@@ -241,6 +251,7 @@ class MoELoRAModule(L.LightningModule):
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank
         if not self.trainer.is_global_zero or self.trainer.sanity_checking:
             return
+        results = {name: {**r, **self.evaluation_settings()} for name, r in results.items()}
         log_dir.mkdir(parents=True, exist_ok=True)
         (log_dir / "test_results.json").write_text(json.dumps(results, indent=2))
         with open(log_dir / "predictions.jsonl", "w") as f:
@@ -253,6 +264,13 @@ class MoELoRAModule(L.LightningModule):
             mean = sum(r["accuracy"] for r in results.values()) / len(results)
             lines += ["-" * (width + 17), f"{'mean':<{width}}  {mean:8.4f}"]
         print("\n".join(lines) + f"\n(test_results.json and predictions.jsonl in {log_dir})")
+
+    def evaluation_settings(self) -> dict[str, Any]:
+        """What decides a test accuracy besides the weights: protocol, decoding, batch and checkpoint."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        return {"protocol": self.answer_protocol, "num_beams": self.num_beams, "do_sample": False,
+                "max_new_tokens": self.max_new_tokens, "eval_batch_size": getattr(datamodule, "eval_batch_size", None),
+                "checkpoint": (self.trainer.ckpt_path if self._trainer is not None else None) or self.init_adapter}
 
     def on_fit_end(self) -> None:
         """Export the trained adapter to ``<log_dir>/adapter`` (what ``model.init_adapter`` reads)."""
