@@ -25,6 +25,7 @@ from moelora_lit.inject import (
     load_adapter,
     load_adapter_state_dict,
     matches,
+    push_queues,
     read_adapter_config,
     save_adapter,
     set_token_mask,
@@ -129,8 +130,12 @@ class MoELoRAModule(L.LightningModule):
         inject_moelora(model, self.adapter_config)
         if self.init_adapter:
             load_adapter(model, self.init_adapter)
-        if self.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        if self.gradient_checkpointing:  # non-reentrant: exact for the auxiliary losses (reentrant is refused)
+            enable = getattr(model, "activation_checkpointing_enable", None)
+            if enable is not None:  # transformers 5 (gradient_checkpointing_enable is its deprecated alias)
+                enable(activation_checkpointing_kwargs={"use_reentrant": False})
+            else:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> Any:
@@ -156,6 +161,15 @@ class MoELoRAModule(L.LightningModule):
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=batch_size)
         return losses["loss"]
+
+    def on_after_backward(self) -> None:
+        """Push this micro-batch's contrastive anchors into the queues (DESIGN 1.3), after backward so that a
+        forward recomputed by gradient checkpointing saw the same queue. Under DDP every rank pushes all ranks'
+        anchors in rank order, so the queues stay bit-identical (and DDP's buffer broadcast changes nothing)."""
+        if self.model is None or self.adapter_config.contrastive_weight <= 0:
+            return
+        distributed = self.trainer.world_size > 1 if self._trainer is not None else False
+        push_queues(self.model, all_gather=self.all_gather if distributed else None)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]
