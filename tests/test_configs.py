@@ -25,11 +25,11 @@ from moelora_lit.inject import inject_moelora
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
 ALL_CONFIGS = sorted(EXPERIMENTS.rglob("*.yaml")) + sorted(EXPERIMENTS.rglob("*.yml"))
 
-MATH_TEST = ["gsm8k", "svamp", "aqua", "addsub", "multiarith", "singleeq"]
+MATH_TEST = ["gsm8k", "svamp", "aqua", "mawps", "addsub", "multiarith", "singleeq"]
 COMMONSENSE_TEST = ["boolq", "piqa", "siqa", "hellaswag", "winogrande", "arc_e", "arc_c", "obqa"]
-TASKS = {  # task -> (train set, its file, test sets, max_new_tokens)
-    "math": ("math_10k", "data/math_10k.json", MATH_TEST, 256),
-    "commonsense": ("commonsense_170k", "data/commonsense_170k.json", COMMONSENSE_TEST, 32),
+TASKS = {  # task -> (train set, its file stem as `data prepare` writes it, test sets, max_new_tokens, eval batch)
+    "math": ("math_10k", "data/math_10k", MATH_TEST, 256, 1),
+    "commonsense": ("commonsense_170k", "data/commonsense_170k", COMMONSENSE_TEST, 32, 32),
 }
 AUTHOR = dict(r=32, num_experts=8, top_k=2, lora_alpha=32.0, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
               router="topk", contrastive_weight=0.01, contrastive_temperature=0.07, contrastive_queue_size=128,
@@ -45,6 +45,9 @@ VARIANTS = {  # file suffix -> the adapter fields that differ from AUTHOR (r=32,
     "moelora_experts16": {"num_experts": 16},
     "moelora_top1": {"top_k": 1},
     "moelora_top4": {"top_k": 4},
+    "lora_llm_adapters": {"num_experts": 1, "top_k": 1, "lora_alpha": 64.0, "lora_dropout": 0.05,
+                          "target_modules": ["q_proj", "k_proj", "v_proj", "up_proj", "down_proj"],
+                          "contrastive_weight": 0.0, "balance_weight": 0.0},
 }
 REPRODUCTION = {f"llama7b_{task}_{suffix}": (task, changes) for task in TASKS for suffix, changes in VARIANTS.items()}
 
@@ -115,19 +118,30 @@ def test_reproduction_config_resolves_as_documented(name: str) -> None:
     model, data, trainer = config["model"], config["data"], config["trainer"]
     assert model["adapter"] == {**AUTHOR, **changes}
     assert model["base_model"] == "huggyllama/llama-7b"
-    train_name, train_path, test_names, max_new_tokens = TASKS[task]
-    assert [(s["name"], s["path"]) for s in data["train"]] == [(train_name, train_path)]
+    train_name, stem, test_names, max_new_tokens, eval_batch = TASKS[task]
+    # `data prepare`'s files: LLM-Adapters' split, 120 validation rows held out of the training set.
+    assert [(s["name"], s["path"]) for s in data["train"]] == [(train_name, f"{stem}_train.json")]
+    assert [(s["name"], s["path"]) for s in data["val"]] == [(train_name, f"{stem}_val.json")]
     assert [s["name"] for s in data["test"]] == test_names
     assert all(s["path"].startswith("data/llm-adapters/") and s["path"].endswith("/test.json") for s in data["test"])
-    assert model["max_new_tokens"] == max_new_tokens
-    # The author's scripts: 3 epochs, lr 3e-4, 16 sequences per optimizer step, cutoff_len 256, bf16.
+    # LLM-Adapters' evaluation: their answer rules, 4 beams, 256 / 32 new tokens, math one question at a time.
+    assert (model["answer_protocol"], model["num_beams"], model["max_new_tokens"]) == ("llm_adapters", 4,
+                                                                                        max_new_tokens)
+    assert data["eval_batch_size"] == eval_batch and model["generate_on_validation"] is False
+    # LLM-Adapters' finetune.py + README command: 3 epochs, lr 3e-4, batch 16, cutoff_len 256, warm-up 100 then
+    # linear decay to 0, validation every 200 optimizer steps, the best checkpoint (val loss) tested.
     assert model["optimizer"]["class_path"] == "torch.optim.AdamW"
     assert model["optimizer"]["init_args"]["lr"] == pytest.approx(3e-4)
-    assert model["lr_scheduler"]["class_path"] == "torch.optim.lr_scheduler.LinearLR"
-    assert model["lr_scheduler"]["init_args"]["total_iters"] == 100
+    assert model["lr_scheduler"] == {"class_path": "moelora_lit.schedules.WarmupLinearDecay",
+                                     "init_args": {"warmup_steps": 100, "total_steps": None, "last_epoch": -1}}
+    callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in trainer["callbacks"]}
+    assert "ScheduleHorizon" in callbacks  # fills in total_steps, so the decay ends at the last step
+    assert (callbacks["ModelCheckpoint"]["monitor"], callbacks["ModelCheckpoint"]["mode"]) == ("val/loss", "min")
+    assert trainer["val_check_interval"] == 200 * trainer["accumulate_grad_batches"]
     assert data["max_length"] == 256
     assert data["batch_size"] * trainer["accumulate_grad_batches"] * trainer["devices"] == 16
     assert trainer["max_epochs"] == 3 and trainer["precision"] == "bf16-mixed"
+    assert data["train_on_inputs"] is name.endswith("_lora_llm_adapters")  # finetune.py's default only there
     assert trainer["default_root_dir"] == f"runs/{name}"  # every run logs to its own folder
 
 
@@ -172,3 +186,27 @@ def test_lora_baseline_trains_the_same_parameters_as_moelora_up_to_the_router() 
     for n in (2, 4, 16):
         swept = adapter_of(print_config(EXPERIMENTS / f"llama7b_math_moelora_experts{n}.yaml"))
         assert _trainable_per_block(swept) == (moe_lora, targets * n * hidden)
+
+
+def test_attribution_names_llm_adapters_not_the_moelora_authors() -> None:
+    """3 epochs / lr 3e-4 / batch 16 / cutoff 256 are LLM-Adapters' settings, not the MoELoRA authors' scripts."""
+    base = (EXPERIMENTS / "base" / "llama7b.yaml").read_text()
+    assert "finetune.py defaults: 3 epochs, lr 3e-4" in base and "NOT from the MoELoRA authors" in base
+    for path in [*ALL_CONFIGS, EXPERIMENTS / "README.md"]:
+        text = " ".join(path.read_text().split())
+        assert "follow the MoELoRA author's run scripts" not in text, path
+        assert "close to the author's scripts" not in text, path
+
+
+def test_llm_adapters_lora_baseline_parameter_count() -> None:
+    """q,k,v,up,down at r=32 on a LLaMA-7B block: 32 x (3 x (4096+4096) + 2 x (4096+11008)) = 1,753,088."""
+    adapter = adapter_of(print_config(EXPERIMENTS / "llama7b_math_lora_llm_adapters.yaml"))
+    with torch.device("meta"):
+        block = nn.ModuleDict({**{n: nn.Linear(4096, 4096, bias=False) for n in ("q_proj", "k_proj", "v_proj",
+                                                                                  "o_proj")},
+                               "up_proj": nn.Linear(4096, 11008, bias=False),
+                               "gate_proj": nn.Linear(4096, 11008, bias=False),
+                               "down_proj": nn.Linear(11008, 4096, bias=False)})
+    inject_moelora(block, adapter)
+    lora = sum(p.numel() for n, p in block.named_parameters() if p.requires_grad and ".lora_" in n)
+    assert lora == 1_753_088 and adapter.lora_alpha / adapter.r == 2.0
