@@ -119,14 +119,14 @@ def check_checkpointing(model: nn.Module) -> None:
     term of DESIGN 1.5 would silently be 0 with no gradient. Non-reentrant checkpointing is exact."""
     for name, module in model.named_modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
-        if getattr(module, "gradient_checkpointing", False) and func is not None:
-            if getattr(func, "keywords", {}).get("use_reentrant", True):
-                raise ValueError(
-                    f"{name or type(model).__name__} uses reentrant gradient checkpointing (use_reentrant=True), "
-                    "which drops MoELoRA's contrastive, balance and z losses. Enable it with "
-                    "gradient_checkpointing_kwargs={'use_reentrant': False} (model.gradient_checkpointing=true "
-                    "does), or set the auxiliary loss weights to 0."
-                )
+        enabled = getattr(module, "gradient_checkpointing", False) and func is not None
+        if enabled and getattr(func, "keywords", {}).get("use_reentrant", True):
+            raise ValueError(
+                f"{name or type(model).__name__} uses reentrant gradient checkpointing (use_reentrant=True), "
+                "which drops MoELoRA's contrastive, balance and z losses. Enable it with "
+                "gradient_checkpointing_kwargs={'use_reentrant': False} (model.gradient_checkpointing=true "
+                "does), or set the auxiliary loss weights to 0."
+            )
 
 
 @torch.no_grad()

@@ -157,7 +157,7 @@ def layer_names(module: L.LightningModule) -> list[str]:
 
 
 def test_fit_writes_routing_tags_and_heatmap(tmp_path):
-    module, callback = TinyModule(), RoutingStatsCallback()
+    module, callback = TinyModule(), RoutingStatsCallback(heatmap_every_n_logs=1)
     run = trainer(tmp_path, max_steps=6, log_every_n_steps=2, limit_val_batches=0, callbacks=[callback])
     run.fit(module, datamodule=TinyData())
     events = EventAccumulator(run.logger.log_dir, size_guidance={"images": 0, "scalars": 0})
@@ -243,3 +243,21 @@ def test_ddp_two_processes_reduce_to_the_single_process_result(tmp_path):
     assert tags and sorted(tags) == sorted(t for t in two.Tags()["scalars"] if t.startswith("routing/"))
     for tag in tags:
         assert two.Scalars(tag)[-1].value == pytest.approx(one.Scalars(tag)[-1].value, rel=1e-4, abs=1e-6), tag
+
+
+def test_tensorboard_has_custom_scalars_layout_labelled_heatmap_and_no_hp_metric(tmp_path):
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    module = TinyModule()
+    run = trainer(tmp_path, max_steps=2, log_every_n_steps=1, limit_val_batches=0, callbacks=[RoutingStatsCallback()])
+    run.fit(module, datamodule=TinyData())
+    events = EventAccumulator(run.logger.log_dir, size_guidance={"images": 0, "scalars": 0, "tensors": 0})
+    events.Reload()
+    assert "hp_metric" not in events.Tags()["scalars"]                     # Lightning's -1 placeholder is gone
+    (config,) = events.Tensors("custom_scalars__config__")
+    layout = layout_pb2.Layout.FromString(config.tensor_proto.string_val[0])
+    charts = {chart.title: list(chart.multiline.tag) for c in layout.category for chart in c.chart}
+    assert charts["gate entropy (nats per token)"] == ["routing/entropy/.*"]
+    assert "train/contrastive_loss$" in charts["auxiliary terms (weighted)"]
+    (image,) = events.Images("routing/load_heatmap")                       # the first interval, labelled
+    assert image.width > 300 and image.height > 200                        # a figure, not a 4 x 8-cell grid

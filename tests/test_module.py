@@ -93,7 +93,7 @@ def test_fit_logs_every_tag_and_keeps_adapter_only_checkpoints(tiny_base: str, t
     predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 32 and {"prompt", "generation", "extracted", "gold", "correct"} <= set(predictions[0])
 
-    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
+    ckpt = run / "checkpoints" / "last.ckpt"                          # every fit ends with one
     checkpoint = torch.load(ckpt, weights_only=True)  # plain tensors and types only
     keys = list(checkpoint["state_dict"])
     assert keys and all((".lora_" in k or ".router" in k or ".contrastive_queue" in k) for k in keys)
@@ -137,8 +137,7 @@ def test_ddp_on_two_cpu_processes(tiny_base: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-3000:]
     assert "GLOBAL_RANK: 1" in done.stderr + done.stdout
     (run,) = [p for p in (tmp_path / "lightning_logs").iterdir() if (p / "checkpoints").is_dir()]
-    (ckpt,) = (run / "checkpoints").glob("*.ckpt")
-    assert torch.load(ckpt, weights_only=True)["global_step"] == 4
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
     results = json.loads((run / "test_results.json").read_text())
     assert results["synth_add"]["n"] == 16 and results["synth_units"]["n"] == 16  # 8 per rank, summed
     assert len((run / "predictions.jsonl").read_text().splitlines()) == 32  # gathered from both ranks

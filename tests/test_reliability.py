@@ -23,7 +23,9 @@ import torch
 from hf_folder import build_tiny_hf_folder
 
 from moelora_lit.__main__ import main
-from moelora_lit.reliability import FaultTolerance, ResumableDataLoader, describe_error
+from moelora_lit.data.resumable import ResumableDataLoader
+from moelora_lit.fault_tolerance import FaultTolerance
+from moelora_lit.reliability import describe_error
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
@@ -225,6 +227,28 @@ def test_sigint_mid_fit_saves_a_checkpoint_that_resumes_exactly(straight, base, 
     losses = tb_losses(resumed)
     for tag in LOSS_TAGS:  # steps 3..5, across the epoch boundary at step 4, bit for bit
         assert losses[tag] == {s: straight[tag][s] for s in range(3, 6)}, tag
+
+
+def test_every_fit_leaves_a_last_checkpoint_that_resumes_exactly(base, tmp_path, capsys):
+    """A fit that stops (max_steps=3) before its first validation (end of epoch, step 4) still writes
+    ``checkpoints/last.ckpt``; resuming it to 6 steps gives a straight 6-step run's losses bit for bit."""
+    short = [a for a in FAST if a not in ("--data.val=null", "--trainer.max_steps=6")]
+    short += ["--data.val=[{name: synth_add, split: validation, limit: 4}]", "--trainer.max_steps=3"]
+    code, err = run_cli(fit_args(base, tmp_path / "straight", *short, "--trainer.max_steps=6"), capsys)
+    assert code == 0, err
+    straight = tb_losses(tmp_path / "straight")
+    code, err = run_cli(fit_args(base, tmp_path / "short", *short), capsys)
+    assert code == 0, err
+    (last,) = glob.glob(str(tmp_path / "short" / "**" / "checkpoints" / "last.ckpt"), recursive=True)
+    assert torch.load(last, weights_only=True)["global_step"] == 3
+    resumed = [a for a in short if a != "--trainer.max_steps=3"] + ["--trainer.max_steps=6", f"--ckpt_path={last}"]
+    code, err = run_cli(fit_args(base, tmp_path / "resumed", *resumed), capsys)
+    assert code == 0, err
+    losses = tb_losses(tmp_path / "resumed")
+    for tag in LOSS_TAGS:
+        assert losses[tag] == {s: straight[tag][s] for s in range(3, 6)}, tag
+    (last,) = glob.glob(str(tmp_path / "resumed" / "**" / "checkpoints" / "last.ckpt"), recursive=True)
+    assert torch.load(last, weights_only=True)["global_step"] == 6
 
 
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(base, tmp_path, capsys):

@@ -25,8 +25,8 @@ from moelora_lit.answers import answer_kind, normalize_gold
 from moelora_lit.data.batching import Collator, LengthGroupedSampler, encode_rows
 from moelora_lit.data.formats import REGISTRY, convert_rows, resolve_name
 from moelora_lit.data.prompts import check_template
+from moelora_lit.data.resumable import ResumableDataLoader
 from moelora_lit.data.sources import load_raw
-from moelora_lit.reliability import ResumableDataLoader
 
 
 @dataclass
@@ -192,13 +192,15 @@ class ReasoningDataModule(LightningDataModule):
     def _load_tokenizer(name: str) -> Any:
         from transformers import AutoTokenizer
 
+        from moelora_lit.gguf import tokenizer_args
         from moelora_lit.hub import packaged_path
 
         path = packaged_path(os.path.expanduser(name))
         if not os.path.exists(path) and (name.startswith((".", "/", "~")) or name.count("/") > 1):
             raise FileNotFoundError(f"data.tokenizer: {name} does not exist")
+        path, gguf = tokenizer_args(path)  # a GGUF file or package:<pkg>/<file>: folder + gguf_file
         try:
-            tok = AutoTokenizer.from_pretrained(path)
+            tok = AutoTokenizer.from_pretrained(path, **gguf)
         except Exception as err:  # OSError, ValueError, hub errors
             raise ValueError(
                 f"data.tokenizer: could not load a tokenizer from {name!r} ({type(err).__name__}: {err}); "
