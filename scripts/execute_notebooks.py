@@ -2,9 +2,9 @@
 
     python scripts/execute_notebooks.py [notebooks/ablation.ipynb notebooks/routing_analysis.ipynb] [--timeout 600]
 
-The notebooks read ``MOELORA_ABLATION_CSV`` (default ``experiments/results/ablation_cpu.csv``) and
-``MOELORA_ABLATION_RUNS`` (default ``runs/ablation``), relative to the repository root; set them to point at
-another ablation. Each notebook runs with its own folder as the working directory.
+The notebooks read the committed results folder ``MOELORA_RESULTS`` (default ``experiments/results``: the
+``ablation_*`` files written by ``scripts/run_ablation.py``), relative to the repository root; set it to point
+at another ablation. Each notebook runs with its own folder as the working directory.
 """
 
 from __future__ import annotations

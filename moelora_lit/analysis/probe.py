@@ -1,0 +1,108 @@
+"""A callback that measures per-example routing of held-out rows at step 0 and after training.
+
+    --trainer.callbacks+=moelora_lit.analysis.probe.RoutingProbe
+
+At the start of training (the untrained router; the adapters are still the identity, so every layer sees the
+base model's hidden states) and at its end, the model reads the same rows, prompt and reference response
+teacher-forced, in eval mode without gradients. Per example and layer the gates are averaged over its tokens after
+the shared prompt header; :func:`moelora_lit.analysis.routing.summarise` turns them into the per-layer
+specialisation with its permutation p-value, the gate entropy and the per-task expert use. The result is
+``<log_dir>/routing_probe.json`` (a few tens of kB); runs with one expert (LoRA) write nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+
+from moelora_lit.analysis.routing import summarise
+from moelora_lit.data.prompts import ALPACA, build_prompt
+from moelora_lit.data.synthetic import SYNTHETIC_TASKS, synthetic_rows
+from moelora_lit.inject import moelora_layers, set_token_mask
+
+
+class RoutingProbe(L.Callback):
+    """Per-example routing of ``limit`` rows of each task's ``split`` at step 0 and after training.
+
+    Args:
+        tasks: synthetic families to read (default: all four).
+        split: ``test`` (default) or ``validation``.
+        limit: rows per task.
+        permutations: task-label permutations for the p-values.
+        batch_size: rows per forward.
+    """
+
+    def __init__(self, tasks: list[str] | None = None, split: str = "test", limit: int = 50,
+                 permutations: int = 2000, batch_size: int = 50) -> None:
+        self.tasks = list(tasks or SYNTHETIC_TASKS)
+        self.split, self.limit, self.permutations, self.batch_size = split, limit, permutations, batch_size
+        self.step0: dict[str, Any] | None = None
+
+    def _texts(self) -> tuple[list[str], np.ndarray]:
+        rows = [(i, build_prompt("alpaca", r["instruction"]) + r["output"])
+                for i, task in enumerate(self.tasks) for r in synthetic_rows(task, self.split, self.limit)]
+        random.Random(0).shuffle(rows)  # mixed batches: the random router's eval gates depend on the position
+        return [t for _, t in rows], np.array([i for i, _ in rows])
+
+    @torch.no_grad()
+    def measure(self, pl_module: L.LightningModule) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
+        """(loads (examples, layers, N), entropy (layers,), layer names), or None with a single expert."""
+        layers = list(moelora_layers(pl_module.model))
+        if not layers or layers[0][1].config.num_experts < 2:
+            return None
+        tok = pl_module.tokenizer
+        texts, _ = self._texts()
+        skip = len(tok(ALPACA.split("{instruction}")[0]).input_ids)  # the header every example shares
+        was_training = pl_module.model.training
+        pl_module.model.eval()
+        loads, ent_sum, ent_count = [], 0.0, 0.0
+        try:
+            for start in range(0, len(texts), self.batch_size):
+                ids = [tok(t).input_ids for t in texts[start:start + self.batch_size]]     # right-padded here
+                width = max(len(i) for i in ids)
+                input_ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i in ids])
+                attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+                enc = {"input_ids": input_ids.to(pl_module.device), "attention_mask": attention.to(pl_module.device)}
+                mask = enc["attention_mask"].bool()
+                mask[:, :skip] = False
+                set_token_mask(pl_module.model, enc["attention_mask"])
+                pl_module.model(**enc)
+                batch, seq = mask.shape
+                gates = torch.stack([layer.last_gates.float().view(batch, seq, -1) for _, layer in layers], 1)
+                weight = mask[:, None, :, None].float()                                   # (B, 1, S, 1)
+                loads.append(((gates * weight).sum(2) / weight.sum(2)).cpu().numpy())     # (B, L, N)
+                logp = torch.where(gates > 0, gates.clamp_min(1e-12).log(), torch.zeros_like(gates))
+                ent_sum = ent_sum + (-(gates * logp).sum(-1) * mask[:, None, :]).sum((0, 2))  # (L,)
+                ent_count += float(mask.sum())
+        finally:
+            set_token_mask(pl_module.model, None)
+            pl_module.model.train(was_training)
+        return np.concatenate(loads), (ent_sum / ent_count).cpu().numpy(), [n for n, _ in layers]
+
+    def _summary(self, pl_module: L.LightningModule) -> dict[str, Any] | None:
+        measured = self.measure(pl_module)
+        if measured is None:
+            return None
+        loads, entropy, names = measured
+        _, labels = self._texts()
+        return {"layers": names} | summarise(loads, labels, self.tasks, entropy, self.permutations)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.step0 = self._summary(pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        trained = self._summary(pl_module)
+        if trained is None or self.step0 is None or not trainer.is_global_zero or trainer.log_dir is None:
+            return
+        layers = trained.pop("layers")
+        self.step0.pop("layers", None)
+        payload = {"split": self.split, "limit": self.limit, "tasks": self.tasks, "permutations": self.permutations,
+                   "step": trainer.global_step, "layers": layers, "step0": self.step0, "trained": trained}
+        Path(trainer.log_dir).mkdir(parents=True, exist_ok=True)
+        (Path(trainer.log_dir) / "routing_probe.json").write_text(json.dumps(payload))

@@ -1,0 +1,174 @@
+"""Statistics for the ablation: t intervals over seeds, paired differences and tests, in numpy only (no scipy).
+
+Seeds are the unit of replication: a method's accuracy on a task is one number per seed (the share of that task's
+test rows answered right), the same seeds run for every method, so methods are compared as pairs per seed. The
+``mean`` over tasks is each seed's mean over the tasks, then treated like a task.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+MEAN = "mean"
+REFERENCE = "moelora"
+# Accuracy of answering with a random number copied from the question: 1 of 3 counts, 1 of 2 numbers, and never
+# right for the sums and products (the answer is not in the question). Drawn as the chance line.
+CHANCE = {"synth_lookup": 1 / 3, "synth_add": 0.0, "synth_units": 0.0, "synth_compare": 1 / 2}
+
+
+def _betacf(a: float, b: float, x: float) -> float:
+    """Continued fraction of the regularised incomplete beta function (Numerical Recipes, modified Lentz)."""
+    tiny, qab, qap, qam = 1e-300, a + b, a + 1.0, a - 1.0
+    c, d = 1.0, 1.0 - qab * x / qap
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    h = d
+    for m in range(1, 300):
+        m2 = 2 * m
+        for aa in (m * (b - m) * x / ((qam + m2) * (a + m2)), -(a + m) * (qab + m) * x / ((a + m2) * (qap + m2))):
+            d = 1.0 + aa * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + aa / c
+            c = c if abs(c) > tiny else tiny
+            h *= d * c
+        if abs(d * c - 1.0) < 1e-14:
+            break
+    return h
+
+
+def betainc(a: float, b: float, x: float) -> float:
+    """Regularised incomplete beta function I_x(a, b)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    if x < (a + 1.0) / (a + b + 2.0):
+        return math.exp(log_front) * _betacf(a, b, x) / a
+    return 1.0 - math.exp(log_front) * _betacf(b, a, 1.0 - x) / b
+
+
+def t_sf2(t: float, df: float) -> float:
+    """Two-sided p-value of a Student t statistic: P(|T| >= |t|) with ``df`` degrees of freedom."""
+    if not np.isfinite(t):
+        return 0.0 if np.isinf(t) else float("nan")
+    return betainc(df / 2.0, 0.5, df / (df + t * t))
+
+
+def t_quantile(p: float, df: float) -> float:
+    """The ``p`` quantile (p > 0.5) of Student's t, by bisection on :func:`t_sf2`."""
+    lo, hi, target = 0.0, 1e4, 2.0 * (1.0 - p)
+    for _ in range(200):
+        mid = (lo + hi) / 2.0
+        lo, hi = (mid, hi) if t_sf2(mid, df) > target else (lo, mid)
+    return (lo + hi) / 2.0
+
+
+def t_interval(values: Iterable[float], level: float = 0.95) -> tuple[float, float, float, int]:
+    """(mean, low, high, n): the mean of ``values`` and its two-sided t interval (NaN bounds for n < 2)."""
+    x = np.asarray(list(values), dtype=float)
+    n = len(x)
+    mean = float(x.mean()) if n else float("nan")
+    if n < 2:
+        return mean, float("nan"), float("nan"), n
+    half = t_quantile(0.5 + level / 2.0, n - 1) * float(x.std(ddof=1)) / math.sqrt(n)
+    return mean, mean - half, mean + half, n
+
+
+def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dict[str, float]:
+    """Paired comparison of ``a`` and ``b`` (same seeds, same order): mean difference a - b, its t interval,
+    the t statistic and the two-sided p-value of the paired t-test (NaN when undefined)."""
+    d = np.asarray(a, dtype=float) - np.asarray(b, dtype=float)
+    mean, lo, hi, n = t_interval(d, level)
+    sd = float(d.std(ddof=1)) if n > 1 else float("nan")
+    if n < 2:
+        t, p = float("nan"), float("nan")
+    elif sd == 0.0:
+        t, p = (0.0, 1.0) if mean == 0.0 else (math.copysign(math.inf, mean), 0.0)
+    else:
+        t = mean / (sd / math.sqrt(n))
+        p = t_sf2(t, n - 1)
+    return {"diff": mean, "low": lo, "high": hi, "t": t, "p": p, "n": n}
+
+
+def per_seed(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
+    """Accuracy per (method, seed) x task for one split, plus the column :data:`MEAN` (mean over tasks)."""
+    part = df[df["split"] == split] if "split" in df.columns else df
+    tasks = list(dict.fromkeys(part["task"]))
+    table = part.pivot_table(index=["method", "seed"], columns="task", values="accuracy", aggfunc="mean")[tasks]
+    table[MEAN] = table.mean(axis=1)
+    return table
+
+
+def interval_table(df: pd.DataFrame, split: str = "test", level: float = 0.95) -> pd.DataFrame:
+    """One row per method x task (and :data:`MEAN`): mean accuracy over seeds, its t interval, seeds, and the
+    rows per seed behind each accuracy (``n``) and how many distinct computations they are (``effective_n``)."""
+    table = per_seed(df, split)
+    part = df[df["split"] == split] if "split" in df.columns else df
+    sizes = part.groupby("task")[["n", "effective_n"] if "effective_n" in part else ["n"]].max()
+    rows = []
+    for method, block in table.groupby(level="method", sort=False):
+        for task in table.columns:
+            mean, lo, hi, seeds = t_interval(block[task].dropna(), level)
+            size = sizes.sum() if task == MEAN else sizes.loc[task]
+            rows.append({"method": method, "task": task, "mean": mean, "low": lo, "high": hi, "seeds": seeds,
+                         "n": int(size["n"]), "effective_n": int(size.get("effective_n", size["n"]))})
+    return pd.DataFrame(rows)
+
+
+def paired_table(df: pd.DataFrame, reference: str = REFERENCE, split: str = "test",
+                 level: float = 0.95) -> pd.DataFrame:
+    """Each method minus ``reference`` per task and for :data:`MEAN`, paired on the seeds both ran: the mean
+    difference, its t interval, t, the paired t-test's p-value and the number of pairs."""
+    table = per_seed(df, split)
+    if reference not in table.index.get_level_values("method"):
+        raise ValueError(f"reference method {reference!r} not in the results")
+    ref = table.xs(reference, level="method")
+    rows = []
+    for method, block in table.groupby(level="method", sort=False):
+        if method == reference:
+            continue
+        mine = block.droplevel("method")
+        seeds = sorted(set(mine.index) & set(ref.index))
+        for task in table.columns:
+            rows.append({"method": method, "task": task} | paired_t(mine.loc[seeds, task], ref.loc[seeds, task], level))
+    return pd.DataFrame(rows)
+
+
+def format_interval(mean: float, low: float, high: float, scale: float = 100.0, digits: int = 1) -> str:
+    """``"37.5 [30.1, 44.9]"`` (in percent by default); the bare mean when there is no interval."""
+    if np.isnan(low):
+        return f"{mean * scale:.{digits}f}"
+    return f"{mean * scale:.{digits}f} [{low * scale:.{digits}f}, {high * scale:.{digits}f}]"
+
+
+def wide(table: pd.DataFrame, value: str = "interval") -> pd.DataFrame:
+    """:func:`interval_table` or :func:`paired_table` as methods x tasks of formatted strings."""
+    cols = ("mean", "low", "high") if "mean" in table.columns else ("diff", "low", "high")
+    out = table.assign(interval=[format_interval(*r) for r in table[list(cols)].itertuples(index=False)])
+    if "p" in out.columns:
+        out["interval"] = [f"{s} p={p:.3f}" for s, p in zip(out["interval"], out["p"], strict=True)]
+    return out.pivot(index="method", columns="task", values=value).loc[list(dict.fromkeys(out["method"]))][
+        list(dict.fromkeys(out["task"]))]
+
+
+def verdicts(df: pd.DataFrame, reference: str = REFERENCE, split: str = "test") -> str:
+    """Plain sentences computed from the data: each method's mean accuracy over tasks with its interval, and its
+    paired difference to ``reference`` with interval, p-value and whether the interval excludes zero."""
+    acc = interval_table(df, split).set_index(["method", "task"])
+    seeds = int(acc["seeds"].max())
+    n = int(acc.xs(MEAN, level="task")["effective_n"].max())
+    lines = [f"{split} accuracy, mean over tasks, {seeds} seeds, {n} distinct {split} computations per seed "
+             "(95% t intervals over seeds, in points):"]
+    for method, row in acc.xs(MEAN, level="task").iterrows():
+        lines.append(f"- {method}: {format_interval(row['mean'], row['low'], row['high'])}")
+    if reference in acc.index.get_level_values("method"):
+        lines.append(f"Paired difference to {reference} (same seeds), mean over tasks:")
+        for _, r in paired_table(df, reference, split).query("task == @MEAN").iterrows():
+            where = "above" if r["low"] > 0 else "below" if r["high"] < 0 else "not distinguishable from"
+            lines.append(f"- {r['method']} minus {reference}: {format_interval(r['diff'], r['low'], r['high'])}, "
+                         f"paired t-test p = {r['p']:.3g} ({r['method']} {where} {reference} at this n)")
+    return "\n".join(lines)
