@@ -1,0 +1,219 @@
+"""Measurement helpers: models and batch, one training step, round-robin timing, peak memory, generation."""
+
+from __future__ import annotations
+
+import copy
+import gc
+import math
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+try:  # an installed package or PYTHONPATH wins; otherwise run from this checkout without installing
+    import moelora_lit  # noqa: F401
+except ImportError:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from presets import Sizes  # noqa: E402
+
+from moelora_lit import MoELoRAConfig, collect_aux_losses, inject_moelora, set_token_mask  # noqa: E402
+
+MB = 1024 * 1024
+
+
+# --------------------------------------------------------------------------------------------- statistics
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values) if values else float("nan")
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    q = statistics.quantiles(values, n=4, method="inclusive")
+    return q[0], q[2]
+
+
+def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
+    """float32 GFLOPS of an ``n x n`` CPU matmul at torch's current thread count (best of ``reps``)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a @ b  # warm-up
+    best = math.inf
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+# --------------------------------------------------------------------------------------------- models
+def build_base(s: Sizes, device: torch.device) -> nn.Module:
+    """A randomly initialised (seeded) frozen ``LlamaForCausalLM`` of shape ``s``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=s.vocab, hidden_size=s.hidden, intermediate_size=s.intermediate, num_hidden_layers=s.layers,
+        num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+        max_position_embeddings=max(s.seq, s.gen_prompt + s.gen_new_tokens) + 8,
+        tie_word_embeddings=s.tie_embeddings, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    torch.manual_seed(s.seed)
+    model = LlamaForCausalLM(config).to(device)
+    model.generation_config.pad_token_id = 0
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.train()
+
+
+def make_variant(name: str, base: nn.Module, s: Sizes) -> nn.Module:
+    """A copy of ``base`` with variant ``name``'s adapter (see presets.DESCRIPTIONS)."""
+    # share_base: the copy reuses the base's frozen parameters (same values, no extra RAM).
+    memo = {id(p): p for p in base.parameters()} if s.share_base else None
+    model = copy.deepcopy(base, memo)
+    torch.manual_seed(s.seed + 1)
+    if name == "base":
+        # Nothing is trainable: make the embeddings' output require grad so backward runs through the model.
+        model.get_input_embeddings().register_forward_hook(lambda _m, _i, out: out.requires_grad_(True))
+        return model
+    if name == "peft_lora":
+        from peft import LoraConfig, get_peft_model
+
+        cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.targets),
+                         bias="none", task_type="CAUSAL_LM")
+        return get_peft_model(model, cfg)
+    cfg = MoELoRAConfig(
+        r=s.rank, num_experts=s.experts, top_k=s.top_k, lora_alpha=s.alpha, lora_dropout=s.dropout,
+        target_modules=list(s.targets), router="dense" if name == "moelora_dense" else "topk",
+        contrastive_weight=0.0 if name == "moelora_no_cl" else s.contrastive_weight,
+        contrastive_queue_size=s.queue, balance_weight=s.balance_weight,
+    )
+    inject_moelora(model, cfg)
+    return model
+
+
+@dataclass
+class Variant:
+    """A model under test, its optimizer and what was measured on it."""
+
+    name: str
+    model: nn.Module
+    optimizer: torch.optim.Optimizer | None
+    moelora: bool
+    step_ms: list[float] = field(default_factory=list)
+    step_cpu_ms: list[float] = field(default_factory=list)
+    gen_ms: list[float] = field(default_factory=list)
+    memory: dict = field(default_factory=dict)
+
+    @property
+    def trainable(self) -> list[nn.Parameter]:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+
+def build_variants(names: list[str], s: Sizes, device: torch.device) -> list[Variant]:
+    """One ``Variant`` per name, all from the same base weights, each with AdamW over its trainable params."""
+    base = build_base(s, device)
+    variants = []
+    for name in names:
+        model = make_variant(name, base, s).train()
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=s.lr) if params else None
+        variants.append(Variant(name, model, optimizer, moelora=name.startswith("moelora")))
+    return variants
+
+
+def make_batch(s: Sizes, device: torch.device) -> dict[str, torch.Tensor]:
+    """Random tokens with some right padding (rows lose 0, 1/16, 2/16... of the sequence)."""
+    g = torch.Generator().manual_seed(s.seed + 2)
+    input_ids = torch.randint(3, s.vocab, (s.batch, s.seq), generator=g)
+    attention_mask = torch.ones(s.batch, s.seq, dtype=torch.long)
+    for b in range(s.batch):
+        pad = ((b % 16) * s.seq) // 16
+        if pad:
+            attention_mask[b, s.seq - pad:] = 0
+            input_ids[b, s.seq - pad:] = 0
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    prompts = torch.randint(3, s.vocab, (s.gen_batch, s.gen_prompt), generator=g)
+    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attention_mask, labels=labels,
+                                                prompts=prompts).items()}
+
+
+# --------------------------------------------------------------------------------------------- steps
+def train_step(v: Variant, batch: dict[str, torch.Tensor], amp: torch.dtype | None) -> torch.Tensor:
+    """forward + loss (+ MoELoRA's auxiliary terms) + backward + AdamW step + zero_grad; returns the loss."""
+    device = batch["input_ids"].device
+    with torch.autocast(device_type=device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
+        if v.moelora:
+            set_token_mask(v.model, batch["attention_mask"])
+        out = v.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                      labels=batch["labels"], use_cache=False)
+        loss = out.loss
+        if v.moelora:
+            loss = loss + sum(collect_aux_losses(v.model).values())
+    loss.backward()
+    if v.optimizer is not None:
+        v.optimizer.step()
+        v.optimizer.zero_grad(set_to_none=True)
+    return loss.detach()
+
+
+def generate(v: Variant, batch: dict[str, torch.Tensor], s: Sizes, amp: torch.dtype | None) -> torch.Tensor:
+    """Greedy generation of exactly ``s.gen_new_tokens`` tokens from the batch's prompts."""
+    prompts = batch["prompts"]
+    with torch.no_grad(), torch.autocast(device_type=prompts.device.type, dtype=amp or torch.bfloat16,
+                                         enabled=amp is not None):
+        return v.model.generate(input_ids=prompts, attention_mask=torch.ones_like(prompts),
+                                max_new_tokens=s.gen_new_tokens, min_new_tokens=s.gen_new_tokens,
+                                do_sample=False, use_cache=True, pad_token_id=0)
+
+
+def time_steps(variants: list[Variant], batch: dict[str, torch.Tensor], s: Sizes, amp: torch.dtype | None) -> None:
+    """``s.warmup`` steps per variant, then ``s.reps`` rounds of one step each, the order rotating every round."""
+    device = batch["input_ids"].device
+    for v in variants:  # also fills the contrastive queues and creates AdamW's state
+        for _ in range(s.warmup):
+            train_step(v, batch, amp)
+    sync(device)
+    for rep in range(s.reps):
+        k = rep % len(variants)
+        for v in variants[k:] + variants[:k]:
+            gc.collect()
+            sync(device)
+            c0, t0 = time.process_time(), time.perf_counter()
+            loss = train_step(v, batch, amp)
+            sync(device)
+            v.step_ms.append((time.perf_counter() - t0) * 1e3)
+            v.step_cpu_ms.append((time.process_time() - c0) * 1e3)
+            if not math.isfinite(float(loss)):
+                raise RuntimeError(f"{v.name} produced a non-finite loss")
+
+
+def time_generation(variants: list[Variant], batch: dict[str, torch.Tensor], s: Sizes,
+                    amp: torch.dtype | None) -> dict[str, int]:
+    """Round-robin ``generate`` timing (eval mode) after ``s.gen_warmup`` calls; returns new tokens per variant."""
+    device = batch["input_ids"].device
+    new_tokens = {}
+    for v in variants:
+        v.model.eval()
+        for _ in range(s.gen_warmup):
+            out = generate(v, batch, s, amp)
+        new_tokens[v.name] = int(out.shape[1] - s.gen_prompt)
+    for rep in range(s.gen_reps):
+        k = rep % max(len(variants), 1)
+        for v in variants[k:] + variants[:k]:
+            gc.collect()
+            sync(device)
+            t0 = time.perf_counter()
+            generate(v, batch, s, amp)
+            sync(device)
+            v.gen_ms.append((time.perf_counter() - t0) * 1e3)
+    return new_tokens
