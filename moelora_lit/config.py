@@ -38,6 +38,10 @@ class MoELoRAConfig:
         balance_weight: weight of the balance loss.
         z_loss_weight: weight of the router z-loss.
         aux_reduction: ``sum`` (author code) or ``mean`` of the per-layer auxiliary terms.
+        contrastive_max_anchors: score at most this many anchors per layer and step in the contrastive loss,
+            drawn uniformly from the real ones (an unbiased estimate of the same mean, at a fraction of the
+            cost: the loss evaluates anchors x N x queue similarities). None (default) scores all of them.
+            Every real anchor still enters the queue.
     """
 
     r: int = 8
@@ -54,6 +58,7 @@ class MoELoRAConfig:
     balance_weight: float = 0.01
     z_loss_weight: float = 0.0
     aux_reduction: str = "sum"
+    contrastive_max_anchors: int | None = None
 
     def __post_init__(self) -> None:
         def fail(name: str, problem: str) -> None:
@@ -65,6 +70,9 @@ class MoELoRAConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 fail(name, "must be a positive integer")
+        value = self.contrastive_max_anchors
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            fail("contrastive_max_anchors", "must be a positive integer, or null to score every anchor")
         if self.r % self.num_experts:
             fail("r", f"must be divisible by num_experts={self.num_experts} (each expert owns r/N ranks); "
                       f"try r={self.num_experts * max(1, round(self.r / self.num_experts))}")

@@ -51,6 +51,10 @@ def route(
     return gates, chosen
 
 
+# On CPU the contrastive loss scores real (non-padding) tokens only; False keeps the fixed-shape device path.
+COMPACT_ANCHORS_ON_CPU = True
+
+
 def in_backward() -> bool:
     """True while autograd's engine runs a backward pass (e.g. a checkpointed forward being recomputed)."""
     return torch._C._current_graph_task_id() != -1
@@ -161,15 +165,27 @@ class MoELoRALinear(nn.Module):
         weight = gates.new_ones(tokens) if mask is None else mask.to(gates.dtype)     # (T,)
         out: dict[str, Tensor] = {}
         if c.contrastive_weight > 0:
-            k = chosen.shape[1]
-            z = F.normalize(a.view(tokens, c.num_experts, -1).float(), dim=-1)         # (T, N, s)
-            anchors = z.gather(1, chosen[..., None].expand(-1, -1, z.shape[-1]))       # (T, K, s)
-            anchors = anchors.reshape(tokens * k, -1)
-            experts = chosen.reshape(-1)
-            anchor_weight = (weight[:, None] * (gates.gather(1, chosen) > 0)).reshape(-1)
+            k, cl_a, cl_chosen, cl_gates, cl_weight = chosen.shape[1], a, chosen, gates, weight
+            if mask is not None and a.is_cpu and COMPACT_ANCHORS_ON_CPU:
+                # Score real tokens only: padding is often a third of a batch, and this loss is the costliest
+                # term of a CPU step. The index is a host sync, free on CPU (devices keep fixed shapes).
+                real = mask.nonzero().squeeze(1)                                       # (T',)
+                cl_a, cl_chosen, cl_gates = a.index_select(0, real), chosen.index_select(0, real), \
+                    gates.index_select(0, real)
+                cl_weight = weight.index_select(0, real)
+            n_tok = cl_a.shape[0]
+            z = F.normalize(cl_a.view(n_tok, c.num_experts, -1).float(), dim=-1)       # (T, N, s)
+            anchors = z.gather(1, cl_chosen[..., None].expand(-1, -1, z.shape[-1]))    # (T, K, s)
+            anchors = anchors.reshape(n_tok * k, -1)
+            experts = cl_chosen.reshape(-1)
+            anchor_weight = (cl_weight[:, None] * (cl_gates.gather(1, cl_chosen) > 0)).reshape(-1)
+            scored = (anchors, experts, anchor_weight)
+            if c.contrastive_max_anchors is not None and anchors.shape[0] > c.contrastive_max_anchors:
+                # Real anchors first (weight 1 + u beats 0 + u), uniformly among them; fixed shape, no sync.
+                keep = (torch.rand_like(anchor_weight) + anchor_weight).topk(c.contrastive_max_anchors).indices
+                scored = tuple(t.index_select(0, keep) for t in scored)
             out["contrastive"] = contrastive_loss(
-                anchors, experts, anchor_weight,
-                self.contrastive_queue, self.contrastive_queue_count, c.contrastive_temperature,
+                *scored, self.contrastive_queue, self.contrastive_queue_count, c.contrastive_temperature,
             )
             if not recomputed:
                 self.pending = (anchors.detach(), experts, anchor_weight.detach())

@@ -13,6 +13,7 @@ from torch import nn
 from torch.profiler import profile
 
 from moelora_lit import MoELoRALinear
+from moelora_lit import layer as layer_module
 from moelora_lit.losses import contrastive_loss, cv2_balance_loss
 
 ROUTERS = ["topk", "dense", "noisy", "random"]
@@ -252,7 +253,47 @@ SYNC_OPS = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::i
 
 
 @pytest.mark.parametrize("router", ROUTERS)
-def test_forward_and_backward_with_contrastive_loss_never_sync_with_host(router):
+def test_forward_and_backward_with_contrastive_loss_never_sync_with_host(router, monkeypatch):
+    monkeypatch.setattr(layer_module, "COMPACT_ANCHORS_ON_CPU", False)   # the fixed-shape path devices take
     counts = op_counts(4, router)
     assert counts["aten::mm"] + counts["aten::addmm"] > 0               # the profiler saw the step
     assert not SYNC_OPS & set(counts), sorted(SYNC_OPS & set(counts))
+
+
+@pytest.mark.parametrize("router", ["topk", "dense"])
+def test_cpu_compaction_of_padding_gives_the_same_loss_gradient_and_queue(router, monkeypatch):
+    results = []
+    for compact in (True, False):
+        monkeypatch.setattr(layer_module, "COMPACT_ANCHORS_ON_CPU", compact)
+        layer = make_layer(router, contrastive_weight=1.0, contrastive_queue_size=64).train()
+        layer.token_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
+        for seed in (0, 1):                                              # the second step scores a filled queue
+            layer.zero_grad()
+            layer(inputs(2, 5, IN, seed=seed))
+            layer.aux_losses["contrastive"].backward()
+            layer.push_pending()
+        results.append((layer.aux_losses["contrastive"].detach(), layer.lora_A.weight.grad.clone(),
+                        layer.contrastive_queue.clone(), layer.contrastive_queue_count.clone()))
+    assert results[0][0] > 0
+    for got, expected in zip(*results, strict=True):
+        torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_contrastive_max_anchors_scores_a_uniform_subset_and_queues_every_anchor():
+    full = make_layer("topk", contrastive_weight=1.0, contrastive_queue_size=256).train()
+    capped = make_layer("topk", contrastive_weight=1.0, contrastive_queue_size=256, contrastive_max_anchors=6).train()
+    x = inputs(4, 8, IN)
+    estimates = []
+    for layer in (full, capped):
+        layer(x)
+        layer.push_pending()
+        assert int(layer.contrastive_queue_count.sum()) == 4 * 8 * 2          # every anchor still queued
+    full(x)
+    for seed in range(40):
+        torch.manual_seed(seed)
+        capped(x)
+        capped.pending = None                                                # keep the queue fixed
+        estimates.append(float(capped.aux_losses["contrastive"]))
+    assert len(set(estimates)) > 1                                           # different subsets per draw
+    mean = sum(estimates) / len(estimates)
+    assert abs(mean - float(full.aux_losses["contrastive"])) < 0.1 * float(full.aux_losses["contrastive"])
