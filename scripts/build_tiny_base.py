@@ -2,8 +2,8 @@
 
     python scripts/build_tiny_base.py [--out DIR] [--seed 0] [--steps N]
 
-1. A synthetic pretraining corpus of plain statements: one-digit addition and unit times facts
-   ("7 plus 5 is 12.", "3 times 7 is 21."), unit facts ("A week is 7 days."), comparisons ("74 is
+1. A synthetic pretraining corpus of plain statements: addition facts for 0-19 and unit times facts for 1-26
+   ("17 plus 5 is 22.", "13 times 7 is 91."), unit facts ("A week is 7 days."), comparisons ("74 is
    larger than 47."), and stories that are repeated or recalled ("Kim has 36 coins and Ben has 33
    coins. So Ben has 33 coins."), which teach in-context copying. It teaches the building blocks of
    `moelora_lit.data.synthetic` but never its question -> chain of thought -> "The answer is N."
@@ -30,7 +30,7 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, proce
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from moelora_lit.data.synthetic import ITEMS, NAMES, UNITS  # noqa: E402
+from moelora_lit.data.synthetic import ADD_RANGE, FACTORS, ITEMS, NAMES, UNIT_COUNTS, UNITS  # noqa: E402
 
 SPECIALS = ["<unk>", "<s>", "</s>", "<pad>"]
 TEMPLATE = ("Below is an instruction that describes a task. Write a response that appropriately "
@@ -44,13 +44,16 @@ BLOCK, BATCH, LR, WARMUP = 128, 16, 3e-3, 60
 # Statements only: facts ("7 plus 5 is 12."), comparisons, unit facts, and stories that are repeated or
 # recalled ("... So Ben has 33 coins."), which teach in-context copying. Never the suite's questions,
 # its "### Instruction" template around a task, or "The answer is".
+# Every fact the suite's chains of thought use (its held-out test facts included) is a pretraining fact.
+
+
 def add_fact(rng: random.Random) -> str:
-    a, b = rng.randint(0, 9), rng.randint(0, 9)
+    a, b = rng.randint(0, ADD_RANGE[-1]), rng.randint(0, ADD_RANGE[-1])
     return f"{a} plus {b} is {a + b}."
 
 
 def times_fact(rng: random.Random) -> str:
-    factor, k = rng.choice([u[3] for u in UNITS]), rng.randint(1, 9)
+    factor, k = rng.choice(FACTORS), rng.randint(1, UNIT_COUNTS[-1])
     return f"{k} times {factor} is {k * factor}."
 
 
@@ -107,7 +110,7 @@ def pair_compare(rng: random.Random) -> str:
     return f"Of {a} and {b}, {max(a, b)} is larger than {min(a, b)}."
 
 
-KINDS = [repeat, recall_all, recall_all, pair_compare, pair_compare, *[add_fact] * 3, *[times_fact] * 2,
+KINDS = [repeat, recall_all, recall_all, pair_compare, pair_compare, *[add_fact] * 5, *[times_fact] * 4,
          unit_fact, comparison, comparison, story, story, story, plain]
 
 
