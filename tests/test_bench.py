@@ -69,3 +69,45 @@ def test_environment_is_recorded(report):
     assert report["device"] == "cpu" and report["threads"] >= 1 and report["torch_version"]
     for key in ("layers", "hidden", "intermediate", "heads", "vocab", "seq", "batch", "rank", "experts", "top_k"):
         assert positive_finite(report["sizes"][key]), key
+
+
+def test_matmul_gflops_recorded(report):
+    assert positive_finite(report["matmul_gflops"])
+
+
+def test_quickstart_preset_is_the_quickstart_shape():
+    """presets.py's quickstart = experiments/quickstart.yaml on the embedded tiny base (issue 16)."""
+    import yaml
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from presets import PRESETS, Sizes, targets_for
+
+    s = Sizes(**PRESETS["quickstart"])
+    base = json.loads((ROOT / "moelora_lit" / "assets" / "tiny-base" / "config.json").read_text())
+    assert (s.layers, s.hidden, s.intermediate, s.heads, s.kv_heads, s.vocab, s.tie_embeddings) == (
+        base["num_hidden_layers"], base["hidden_size"], base["intermediate_size"], base["num_attention_heads"],
+        base["num_key_value_heads"], base["vocab_size"], base["tie_word_embeddings"])
+    cfg = yaml.safe_load((ROOT / "experiments" / "quickstart.yaml").read_text())
+    adapter, data = cfg["model"]["adapter"], cfg["data"]
+    assert (s.rank, s.experts, s.top_k, s.alpha, s.dropout, s.queue, s.contrastive_weight, s.balance_weight) == (
+        adapter["r"], adapter["num_experts"], adapter["top_k"], adapter["lora_alpha"], adapter["lora_dropout"],
+        adapter["contrastive_queue_size"], adapter["contrastive_weight"], adapter["balance_weight"])
+    assert s.targets == adapter["target_modules"]
+    assert (s.batch, s.seq) == (data["batch_size"], data["max_length"])
+    assert targets_for("quickstart") == {"step_time_ratio_vs_peft_lora": 1.35}
+    assert targets_for("default")["step_time_ratio_vs_peft_lora"] == 1.15
+
+
+def test_scaling_runs_at_tiny(tmp_path):
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--preset", "tiny", "--limit", "2", "--warmup", "1",
+         "--reps", "1", "--sweeps", "experts,queue", "--out", str(tmp_path), "--plot", str(tmp_path / "s.png")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    result = json.loads((tmp_path / "scaling.json").read_text())
+    assert positive_finite(result["matmul_gflops"]) and (tmp_path / "s.png").stat().st_size > 0
+    rows = result["rows"]
+    assert {(r["sweep"], r["value"]) for r in rows} == {("experts", 1), ("experts", 2), ("queue", 32), ("queue", 64)}
+    assert all(positive_finite(r["step_ms_median"]) and positive_finite(r["peak_memory_mb"]) for r in rows)
+    assert (tmp_path / "scaling.csv").read_text().startswith("sweep,value,")
