@@ -6,7 +6,8 @@
         [--max-steps N] [--jobs 2] [--threads 1] [--results experiments/results] [-- extra CLI overrides]
 
 Every run is one ``python -m moelora_lit fit`` in ``<out>/<method>/lr<LR>/seed<S>`` (resumable: finished runs are
-skipped), tested on each task's test split and its validation split (``val_<task>``). The sweep picks each
+skipped). Sweep runs are tested on each task's test and validation split (``val_<task>``), the other final runs
+on test only. The sweep picks each
 method's lr by mean validation accuracy (never test). ``--max-steps`` also sets the cosine schedule's ``T_max``.
 Writes ``ablation_sweep.csv``, ``ablation_chosen.json``, ``ablation_cpu.csv`` and ``ablation_routing/`` under
 ``--results``, prints the test table (mean [95% t interval] over seeds, in %), the paired differences to
@@ -44,7 +45,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
-    extra.append(f"--data.test={eval_datasets(limit=args.eval_limit)}")
     steps = -1
     if args.max_steps is not None:
         steps = args.max_steps
@@ -63,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"ablation: {len(args.methods)} methods, lr grid {grid}, seeds {args.seeds} (sweep seed {args.sweep_seed}),"
           f" at most {runs} runs, from {args.config} -> {args.out}", flush=True)
     try:
+        sweep_args = [f"--data.test={eval_datasets(limit=args.eval_limit)}"]
+        final_args = [f"--data.test={eval_datasets(limit=args.eval_limit, splits=('test',))}"]
         df = run_ablation(args.config, args.out, grid, methods=args.methods, seeds=args.seeds,
+                          sweep_args=sweep_args, final_args=final_args,
                           sweep_seed=args.sweep_seed, extra_args=extra, results_dir=args.results, jobs=args.jobs,
                           threads=args.threads, steps=steps)
     except RuntimeError as err:

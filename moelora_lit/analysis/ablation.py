@@ -50,6 +50,8 @@ def run_ablation(
     seeds: Sequence[int] = (0, 1, 2, 3, 4),
     sweep_seed: int = 0,
     extra_args: Sequence[str] = (),
+    sweep_args: Sequence[str] = (),
+    final_args: Sequence[str] = (),
     results_dir: str | os.PathLike = RESULTS,
     jobs: int = 1,
     threads: int | None = None,
@@ -66,6 +68,8 @@ def run_ablation(
         seeds: seeds of the final runs (every method runs all of them).
         sweep_seed: the seed of the sweep runs.
         extra_args: CLI overrides for every run (e.g. ``["--trainer.max_steps=50"]``).
+        sweep_args, final_args: more overrides for the sweep runs (e.g. test and validation sets) and for the
+            other final runs (e.g. test sets only); a final run that is also a sweep run is not run again.
         results_dir: where the CSVs, the chosen values and the routing summaries go.
         jobs, threads, isolate: see :func:`moelora_lit.analysis.runs.run_grid`.
         steps: the step budget, recorded in the rows.
@@ -83,10 +87,10 @@ def run_ablation(
     grid = {m: list(lrs[m] if isinstance(lrs, Mapping) else lrs) for m in methods}
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(extra_args=extra_args, jobs=jobs, threads=threads, isolate=isolate, steps=steps)
+    kwargs = dict(jobs=jobs, threads=threads, isolate=isolate, steps=steps)
 
     sweep_runs = [Run(m, float(lr), sweep_seed) for m in methods for lr in grid[m]]
-    failures = run_grid(base_config, out_dir, sweep_runs, **kwargs)
+    failures = run_grid(base_config, out_dir, sweep_runs, extra_args=[*extra_args, *sweep_args], **kwargs)
     sweep = collect(out_dir, sweep_runs)
     sweep[sweep["split"] == "validation"].to_csv(results / "ablation_sweep.csv", index=False)
     chosen = choose(sweep)
@@ -94,11 +98,12 @@ def run_ablation(
         chosen[method]["alpha"] = method_alpha(method, base_config)
     meta = {"base_config": str(base_config), "steps": steps, "seeds": list(seeds), "sweep_seed": sweep_seed,
             "lr_grid": {m: [float(x) for x in g] for m, g in grid.items()}, "extra_args": list(extra_args),
+            "sweep_args": list(sweep_args), "final_args": list(final_args),
             "chosen": chosen, "selection": "mean validation accuracy over tasks, sweep seed only; ties: smaller lr"}
     (results / "ablation_chosen.json").write_text(json.dumps(meta, indent=1) + "\n")
 
     final_runs = [Run(m, chosen[m]["lr"], s) for m in methods if m in chosen for s in seeds]
-    failures += run_grid(base_config, out_dir, final_runs, **kwargs)
+    failures += run_grid(base_config, out_dir, final_runs, extra_args=[*extra_args, *final_args], **kwargs)
     final = collect(out_dir, final_runs)
     test = final[final["split"] == "test"].reset_index(drop=True)
     test.to_csv(results / "ablation_cpu.csv", index=False)

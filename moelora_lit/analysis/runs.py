@@ -109,10 +109,12 @@ def method_alpha(method: str, base_config: str | os.PathLike) -> float:
     return float(alpha[-1]) if alpha else float(base_adapter(base_config)["lora_alpha"])
 
 
-def eval_datasets(tasks: Sequence[str] = SYNTHETIC_TASKS, limit: int = 50) -> str:
-    """``--data.test`` value: each task's test split, then its validation split as ``val_<task>``."""
-    specs = [f"{{name: {t}, limit: {limit}}}" for t in tasks]
-    specs += [f"{{name: {t}, split: validation, limit: {limit}, alias: {VAL_PREFIX}{t}}}" for t in tasks]
+def eval_datasets(tasks: Sequence[str] = SYNTHETIC_TASKS, limit: int = 50,
+                  splits: Sequence[str] = ("test", "validation")) -> str:
+    """``--data.test`` value: each task's test split, then (if asked) its validation split as ``val_<task>``."""
+    specs = [f"{{name: {t}, limit: {limit}}}" for t in tasks] if "test" in splits else []
+    if "validation" in splits:
+        specs += [f"{{name: {t}, split: validation, limit: {limit}, alias: {VAL_PREFIX}{t}}}" for t in tasks]
     return "[" + ", ".join(specs) + "]"
 
 
@@ -206,9 +208,9 @@ def run_grid(base_config: str | os.PathLike, out_dir: str | os.PathLike, runs: S
             print(f"{label}  FAILED (exit {code}) after {wall:.1f} s; last lines of {root / 'run.log'}:\n{tail}",
                   flush=True)
             return f"{run.method} lr {run.lr:g} seed {run.seed}: exit {code}, see {root / 'run.log'}"
-        accs = {s: np.mean([r["accuracy"] for r in rows if r["split"] == s]) for s in ("test", "validation")}
-        print(f"{label}  {wall:7.1f} s  mean validation {accs['validation']:.3f}  test {accs['test']:.3f}",
-              flush=True)
+        accs = {s: [r["accuracy"] for r in rows if r["split"] == s] for s in ("validation", "test")}
+        scores = "  ".join(f"mean {s} {np.mean(a):.3f}" for s, a in accs.items() if a)
+        print(f"{label}  {wall:7.1f} s  {scores}", flush=True)
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, jobs) if isolate else 1) as pool:
