@@ -102,7 +102,7 @@ def run_ablation(
             "chosen": chosen, "selection": "mean validation accuracy over tasks, sweep seed only; ties: smaller lr"}
     (results / "ablation_chosen.json").write_text(json.dumps(meta, indent=1) + "\n")
 
-    final_runs = [Run(m, chosen[m]["lr"], s) for m in methods if m in chosen for s in seeds]
+    final_runs = [Run(m, chosen[m]["lr"], s) for s in seeds for m in methods if m in chosen]  # seed by seed
     failures += run_grid(base_config, out_dir, final_runs, extra_args=[*extra_args, *final_args], **kwargs)
     final = collect(out_dir, final_runs)
     test = final[final["split"] == "test"].reset_index(drop=True)
