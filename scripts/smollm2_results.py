@@ -1,0 +1,149 @@
+"""Summarise the SmolLM2 ARC-Easy runs: accuracy with a Wilson 95% interval, paired differences against
+zero-shot (exact McNemar on the discordant rows), seconds per step, and routing statistics.
+
+    python scripts/smollm2_results.py --run zero_shot=runs/smollm2_arc_easy_zeroshot \
+        --run lora=runs/smollm2_arc_easy_lora --run moelora=runs/smollm2_arc_easy \
+        --out experiments/results/smollm2_arc_easy.json
+
+Each run folder is a ``default_root_dir``; its latest ``lightning_logs/version_*`` holding ``predictions.jsonl``
+is read. Rows are paired by their ``index`` in the test file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+
+
+def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Wilson score interval of a binomial proportion."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    return centre - half, centre + half
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value: ``b`` rows only the method got right, ``c`` only the reference."""
+    n = b + c
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(0, min(b, c) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def latest_version(root: Path) -> Path:
+    versions = sorted((p for p in root.glob("lightning_logs/version_*") if (p / "predictions.jsonl").is_file()),
+                      key=lambda p: int(p.name.split("_")[1]))
+    if not versions:
+        raise FileNotFoundError(f"{root}: no lightning_logs/version_*/predictions.jsonl")
+    return versions[-1]
+
+
+def step_seconds(version: Path) -> float | None:
+    """Median wall seconds between consecutive ``train/loss`` events (TensorBoard wall times)."""
+    try:
+        from tbparse import SummaryReader
+    except ImportError:
+        return None
+    frame = SummaryReader(str(version), extra_columns={"wall_time"}).scalars
+    loss = frame[frame.tag == "train/loss"].sort_values("step")
+    if len(loss) < 2:
+        return None
+    gaps = (loss.wall_time.diff() / loss.step.diff()).dropna().sort_values().tolist()
+    return round(gaps[len(gaps) // 2], 1)
+
+
+def routing_summary(version: Path) -> dict | None:
+    """Routing of the test pass from ``routing_test.json`` (None without one, e.g. one expert): gate entropy and
+    load coefficient of variation (population std / mean of the N load shares) averaged over layers, the most
+    loaded expert's share, and the same per projection kind."""
+    path = version / "routing_test.json"
+    if not path.is_file():
+        return None
+    payload = json.loads(path.read_text())
+    out = {}
+    for dataset, loads in payload["datasets"].items():
+        n = len(loads[0])
+        if n == 1:
+            return None
+        cvs = [math.sqrt(sum((x - 1 / n) ** 2 for x in row) / n) * n for row in loads]  # shares sum to 1: mean 1/n
+        entropy = payload["entropy"][dataset]
+        kinds: dict[str, list[float]] = {}
+        for name, cv in zip(payload["layers"], cvs, strict=True):
+            kinds.setdefault(name.rsplit(".", 1)[-1], []).append(cv)
+        out[dataset] = {"experts": n, "layers": len(loads), "tokens": payload["tokens"][dataset],
+                        "mean_entropy": round(sum(entropy) / len(entropy), 4),
+                        "max_entropy_top2": round(math.log(2), 4),
+                        "mean_load_cv": round(sum(cvs) / len(cvs), 4), "max_load_cv": round(max(cvs), 4),
+                        "max_expert_share": round(max(max(row) for row in loads), 4),
+                        "load_cv_by_projection": {k: round(sum(v) / len(v), 4) for k, v in kinds.items()}}
+    return out
+
+
+def train_routing(version: Path) -> dict | None:
+    """``routing/entropy`` and ``routing/load_cv`` averaged over layers at the first and last logged step."""
+    try:
+        from tbparse import SummaryReader
+    except ImportError:
+        return None
+    frame = SummaryReader(str(version)).scalars
+    out = {}
+    for stat in ("entropy", "load_cv"):
+        part = frame[frame.tag.str.startswith(f"routing/{stat}/")]
+        if part.empty:
+            return None
+        by_step = part.groupby("step").value.mean()
+        out[stat] = {"first_step": int(by_step.index[0]), "first": round(float(by_step.iloc[0]), 4),
+                     "last_step": int(by_step.index[-1]), "last": round(float(by_step.iloc[-1]), 4)}
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--run", action="append", required=True, help="name=run folder; the first is the reference")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--commands", default=None, help="a text file of the command lines that made the runs")
+    args = parser.parse_args()
+    runs = dict(item.split("=", 1) for item in args.run)
+    rows, report = {}, {"methods": {}}
+    for name, folder in runs.items():
+        version = latest_version(Path(folder))
+        preds = [json.loads(line) for line in (version / "predictions.jsonl").read_text().splitlines() if line]
+        rows[name] = {p["index"]: bool(p["correct"]) for p in preds}
+        correct, n = sum(rows[name].values()), len(rows[name])
+        low, high = wilson(correct, n)
+        answered = sum(p["extracted"] is not None for p in preds)
+        report["methods"][name] = {"run": str(version), "correct": correct, "n": n, "accuracy": round(correct / n, 4),
+                                   "wilson95": [round(low, 4), round(high, 4)], "answered": answered,
+                                   "seconds_per_step": step_seconds(version), "routing_test": routing_summary(version),
+                                   "routing_train": train_routing(version)}
+    reference = next(iter(runs))
+    for name in list(runs)[1:]:
+        for other in [reference] + [m for m in runs if m not in (reference, name)][:1]:
+            shared = sorted(set(rows[name]) & set(rows[other]))
+            b = sum(rows[name][i] and not rows[other][i] for i in shared)
+            c = sum(rows[other][i] and not rows[name][i] for i in shared)
+            diff = (b - c) / len(shared)
+            se = math.sqrt(max(b + c - (b - c) ** 2 / len(shared), 0)) / len(shared)  # paired (Wald) standard error
+            report.setdefault("paired", []).append({
+                "method": name, "vs": other, "n": len(shared), "only_method": b, "only_reference": c,
+                "difference": round(diff, 4), "wald95": [round(diff - 1.96 * se, 4), round(diff + 1.96 * se, 4)],
+                "mcnemar_exact_p": round(mcnemar_exact(b, c), 6)})
+    if args.commands:
+        report["commands"] = [line for line in Path(args.commands).read_text().splitlines() if line.strip()]
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+    for name, m in report["methods"].items():
+        print(f"{name:10s} {m['accuracy']:.3f} ({m['correct']}/{m['n']}, 95% CI {m['wilson95']}) "
+              f"s/step={m['seconds_per_step']}")
+    for p in report.get("paired", []):
+        print(f"{p['method']} - {p['vs']}: {p['difference']:+.3f} {p['wald95']} McNemar p={p['mcnemar_exact_p']}")
+
+
+if __name__ == "__main__":
+    main()
