@@ -3,7 +3,8 @@
     python scripts/run_ablation.py [--config experiments/quickstart.yaml] [--out runs/ablation]
         [--methods lora lora_scaled moelora moelora_no_contrastive moelora_random_router]
         [--lrs 1e-3 3e-3 1e-2] [--lr-grid METHOD=LR,LR ...] [--seeds 0 1 2 3 4] [--sweep-seed 0]
-        [--max-steps N] [--jobs 2] [--threads 1] [--results experiments/results] [-- extra CLI overrides]
+        [--max-steps N] [--jobs 2] [--threads 1] [--results experiments/results] [--collect-only]
+        [-- extra CLI overrides]
 
 Every run is one ``python -m moelora_lit fit`` in ``<out>/<method>/lr<LR>/seed<S>`` (resumable: finished runs are
 skipped). Sweep runs are tested on each task's test and validation split (``val_<task>``), the other final runs
@@ -43,6 +44,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", default="experiments/results", help="where the CSVs and summaries go")
     parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
     parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
+    parser.add_argument("--collect-only", action="store_true",
+                        help="train nothing: write the results files from the runs that finished")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     steps = -1
@@ -68,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
         df = run_ablation(args.config, args.out, grid, methods=args.methods, seeds=args.seeds,
                           sweep_args=sweep_args, final_args=final_args,
                           sweep_seed=args.sweep_seed, extra_args=extra, results_dir=args.results, jobs=args.jobs,
-                          threads=args.threads, steps=steps)
+                          threads=args.threads, steps=steps, collect_only=args.collect_only)
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -57,6 +57,7 @@ def run_ablation(
     threads: int | None = None,
     isolate: bool = True,
     steps: int = -1,
+    collect_only: bool = False,
 ) -> pd.DataFrame:
     """Sweep, choose, run the seeds and write the files listed in the module docstring.
 
@@ -73,6 +74,7 @@ def run_ablation(
         results_dir: where the CSVs, the chosen values and the routing summaries go.
         jobs, threads, isolate: see :func:`moelora_lit.analysis.runs.run_grid`.
         steps: the step budget, recorded in the rows.
+        collect_only: train nothing; write the files from the runs that finished (e.g. of an ablation cut short).
 
     Returns:
         The test rows of the final runs.
@@ -87,7 +89,7 @@ def run_ablation(
     grid = {m: list(lrs[m] if isinstance(lrs, Mapping) else lrs) for m in methods}
     results = Path(results_dir)
     results.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(jobs=jobs, threads=threads, isolate=isolate, steps=steps)
+    kwargs = dict(jobs=jobs, threads=threads, isolate=isolate, steps=steps, collect_only=collect_only)
 
     sweep_runs = [Run(m, float(lr), sweep_seed) for m in methods for lr in grid[m]]
     failures = run_grid(base_config, out_dir, sweep_runs, extra_args=[*extra_args, *sweep_args], **kwargs)

@@ -166,12 +166,13 @@ def _run_in_process(args: list[str], log: Any) -> int:
 
 def run_grid(base_config: str | os.PathLike, out_dir: str | os.PathLike, runs: Sequence[Run],
              extra_args: Sequence[str] = (), jobs: int = 1, threads: int | None = None, isolate: bool = True,
-             steps: int = -1) -> list[str]:
+             steps: int = -1, collect_only: bool = False) -> list[str]:
     """Train and test every run (resumable: a run with a ``test_results.json`` is skipped; a failed one runs
     again in a new ``version_N``). Prints one line per run. Returns the failures (empty when all finished).
 
     ``isolate=False`` runs them one after another in this process (for tests: ``jobs`` and ``threads`` are then
-    ignored); ``threads`` sets ``OMP_NUM_THREADS`` of each run; ``steps`` is recorded in the rows.
+    ignored); ``threads`` sets ``OMP_NUM_THREADS`` of each run; ``steps`` is recorded in the rows;
+    ``collect_only`` trains nothing and reports the unfinished runs as failures.
     """
     out = Path(out_dir).resolve()
     env = dict(os.environ)
@@ -188,6 +189,9 @@ def run_grid(base_config: str | os.PathLike, out_dir: str | os.PathLike, runs: S
         if find_log_dir(root) is not None:
             print(f"{label}  skipped (test_results.json exists)", flush=True)
             return None
+        if collect_only:
+            print(f"{label}  not finished (collect only)", flush=True)
+            return f"{run.method} lr {run.lr:g} seed {run.seed}: not finished"
         root.mkdir(parents=True, exist_ok=True)
         cmd = command(str(base_config), root, run, [*method_overrides(run.method, base_config), PROBE], extra_args)
         start = time.perf_counter()
