@@ -11,7 +11,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from moelora_lit.gguf import is_gguf_reference, resolve_gguf
+from moelora_lit.gguf import gguf_config, gguf_tokenizer, is_gguf_reference, resolve_gguf
 from moelora_lit.quant import bnb_config, check_quantization, quantize_loaded
 
 PACKAGE_ROOT = Path(__file__).resolve().parent
@@ -73,10 +73,6 @@ def resolve_base(base_model: str, gguf_file: str | None = None, trust_remote_cod
     return resolve_base_model(base_model, trust_remote_code, model_config), None
 
 
-def _gguf(gguf_file: str | None) -> dict[str, str]:
-    return {} if gguf_file is None else {"gguf_file": gguf_file}
-
-
 def _config(base_model: str, model_config: dict | None, trust_remote_code: bool,
             gguf_file: str | None = None) -> PretrainedConfig:
     if model_config is not None:
@@ -86,7 +82,9 @@ def _config(base_model: str, model_config: dict | None, trust_remote_code: bool,
             raise ValueError("model.model_config needs a 'model_type' key (for example 'llama')")
         return AutoConfig.for_model(model_type, **values)
     try:
-        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code, **_gguf(gguf_file))
+        if gguf_file is not None:
+            return gguf_config(base_model, gguf_file)
+        return AutoConfig.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
@@ -130,7 +128,10 @@ def load_base_model(base_model: str, model_config: dict | None = None, torch_dty
 def load_tokenizer(base_model: str, trust_remote_code: bool = False, gguf_file: str | None = None) -> Any:
     """The base model's tokenizer with a pad token (eos when it has none), padding on the left (the side
     decoder-only generation needs; training batches are padded by our collator, which sets its own side)."""
-    tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code, **_gguf(gguf_file))
+    if gguf_file is not None:
+        tokenizer = gguf_tokenizer(base_model, gguf_file)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(base_model, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     tokenizer.padding_side = "left"

@@ -51,7 +51,8 @@ def measure(variant: str, batch: int, length: int, steps: int) -> dict:
         times.append(time.perf_counter() - t)
     return {"variant": variant, "base_memory_mb": round(memory / 2**20, 1), "load_s": round(load_s, 1),
             "trainable_params": sum(p.numel() for p in params), "tokens": list(ids.shape),
-            "step_s_median": round(statistics.median(times[1:]), 2), "step_s": [round(x, 2) for x in times]}
+            "step_s_median": round(statistics.median(times[1:]), 2) if steps else None,
+            "step_s": [round(x, 2) for x in times]}
 
 
 def main() -> None:

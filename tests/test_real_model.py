@@ -177,3 +177,19 @@ def test_nf4_base_trains_adapters_only_and_shares_them_with_float32(smollm2, tex
         loss_full = full(**text_batch).loss.item()
         loss_nf4 = nf4(**text_batch).loss.item()
     assert abs(loss_full - loss_nf4) < 1.0, (loss_full, loss_nf4)  # same adapter, close bases
+
+
+def test_cli_links_a_folder_and_gguf_file_to_the_data_tokenizer(tmp_path) -> None:
+    from moelora_lit.__main__ import MoELoRACLI
+    from moelora_lit.data import ReasoningDataModule
+    from moelora_lit.module import MoELoRAModule
+
+    folder, name = resolve_gguf(SMOLLM2)
+    args = ["--config", "experiments/smollm2_arc_easy.yaml", "--model.base_model", folder, "--model.gguf_file", name,
+            "--model.quantization", "nf4", "--data.train=[{name: synth_add, path: null, limit: 4}]",
+            "--data.test=[{name: synth_add, path: null, limit: 2}]", "--trainer.default_root_dir", str(tmp_path)]
+    cli = MoELoRACLI(MoELoRAModule, ReasoningDataModule, run=False, args=args)
+    assert (cli.model.base_model, cli.model.gguf_file, cli.model.quantization) == (folder, name, "nf4")
+    assert cli.model.model is None  # nothing loads before configure_model
+    assert cli.datamodule.tokenizer.eos_token == cli.model.tokenizer.eos_token == "<|im_end|>"
+    assert len(cli.datamodule.tokenizer) == 49152

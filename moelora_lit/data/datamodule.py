@@ -192,7 +192,7 @@ class ReasoningDataModule(LightningDataModule):
     def _load_tokenizer(name: str) -> Any:
         from transformers import AutoTokenizer
 
-        from moelora_lit.gguf import tokenizer_args
+        from moelora_lit.gguf import gguf_tokenizer, tokenizer_args
         from moelora_lit.hub import packaged_path
 
         path = packaged_path(os.path.expanduser(name))
@@ -200,7 +200,7 @@ class ReasoningDataModule(LightningDataModule):
             raise FileNotFoundError(f"data.tokenizer: {name} does not exist")
         path, gguf = tokenizer_args(path)  # a GGUF file or package:<pkg>/<file>: folder + gguf_file
         try:
-            tok = AutoTokenizer.from_pretrained(path, **gguf)
+            tok = gguf_tokenizer(path, **gguf) if gguf else AutoTokenizer.from_pretrained(path)
         except Exception as err:  # OSError, ValueError, hub errors
             raise ValueError(
                 f"data.tokenizer: could not load a tokenizer from {name!r} ({type(err).__name__}: {err}); "
