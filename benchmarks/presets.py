@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 BASELINE = "peft_lora"
+TINY_BASE_CONFIG = Path(__file__).resolve().parents[1] / "moelora_lit" / "assets" / "tiny-base" / "config.json"
 
 
 @dataclass
@@ -45,19 +48,28 @@ class Sizes:
 
 ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
+
+def tiny_base_shape(path: Path = TINY_BASE_CONFIG) -> dict:
+    """The embedded tiny base's widths (the quickstart's model), read from its config.json."""
+    c = json.loads(path.read_text())
+    return dict(layers=c["num_hidden_layers"], hidden=c["hidden_size"], intermediate=c["intermediate_size"],
+                heads=c["num_attention_heads"], kv_heads=c["num_key_value_heads"], vocab=c["vocab_size"],
+                tie_embeddings=c["tie_word_embeddings"])
+
+
 # Preset -> overrides of Sizes(). "default" is the shape every earlier result in README.md was measured at.
 PRESETS: dict[str, dict] = {
     "default": {},
     "tiny": dict(layers=2, hidden=64, intermediate=172, heads=4, kv_heads=4, vocab=512, seq=32, batch=2,
                  rank=16, experts=4, queue=32, warmup=1, reps=3, gen_batch=2, gen_prompt=8, gen_new_tokens=4,
                  gen_warmup=1, gen_reps=2, threads=1),
-    # experiments/quickstart.yaml on moelora_lit/assets/tiny-base (its config.json: 4 layers, hidden 192, MLP 512,
-    # 4 heads, 4 KV heads, vocab 751, tied embeddings); all seven projections, r=32, 8 experts, top-2, alpha 32,
-    # dropout 0, queue 128, contrastive 0.01, balance 0.01, batch 16 x 128 tokens, 2 threads.
-    "quickstart": dict(layers=4, hidden=192, intermediate=512, heads=4, kv_heads=4, vocab=751, tie_embeddings=True,
-                       seq=128, batch=16, rank=32, alpha=32.0, dropout=0.0, experts=8, top_k=2, queue=128,
-                       contrastive_weight=0.01, balance_weight=0.01, targets=list(ALL_PROJECTIONS), warmup=2,
-                       reps=15, gen_batch=16, gen_prompt=64, gen_new_tokens=32, gen_warmup=1, gen_reps=5, threads=2),
+    # experiments/quickstart.yaml on moelora_lit/assets/tiny-base (widths from its config.json: 4 layers, hidden
+    # 192, MLP 512, 4 heads, 4 KV heads, tied embeddings, vocab 801 as of 2026-12-01); all seven projections, r=32,
+    # 8 experts, top-2, alpha 32, dropout 0, queue 128, contrastive 0.01, balance 0.01, batch 16 x 128, 2 threads.
+    "quickstart": dict(**tiny_base_shape(), seq=128, batch=16, rank=32, alpha=32.0, dropout=0.0, experts=8, top_k=2,
+                       queue=128, contrastive_weight=0.01, balance_weight=0.01, targets=list(ALL_PROJECTIONS),
+                       warmup=2, reps=15, gen_batch=16, gen_prompt=64, gen_new_tokens=32, gen_warmup=1, gen_reps=5,
+                       threads=2),
     # LLaMA-7B layer widths (hidden 4096, MLP 11008, 32 heads, vocab 32000), 2 layers, CPU float32, short
     # sequences. Variants share the frozen base tensors (5 deep copies would need ~13 GB of RAM).
     "llama7b_layer": dict(layers=2, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000, seq=64,
