@@ -6,7 +6,7 @@ zero-shot (exact McNemar on the discordant rows), seconds per step, and routing 
         --out experiments/results/smollm2_arc_easy.json
 
 Each run folder is a ``default_root_dir``; its latest ``lightning_logs/version_*`` holding ``predictions.jsonl``
-is read. Rows are paired by their ``index`` in the test file.
+is read. Rows are paired by their position in the test file and their prompt text.
 """
 
 from __future__ import annotations
@@ -106,6 +106,7 @@ def train_routing(version: Path) -> dict | None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, help="name=run folder; the first is the reference")
+    parser.add_argument("--pair", action="append", default=[], help="method:reference, compared on shared rows")
     parser.add_argument("--out", required=True)
     parser.add_argument("--commands", default=None, help="a text file of the command lines that made the runs")
     args = parser.parse_args()
@@ -114,17 +115,18 @@ def main() -> None:
     for name, folder in runs.items():
         version = latest_version(Path(folder))
         preds = [json.loads(line) for line in (version / "predictions.jsonl").read_text().splitlines() if line]
-        rows[name] = {p["index"]: bool(p["correct"]) for p in preds}
+        rows[name] = {(i, p["prompt"]): bool(p["correct"]) for i, p in enumerate(preds)}  # test-file order
         correct, n = sum(rows[name].values()), len(rows[name])
         low, high = wilson(correct, n)
         answered = sum(p["extracted"] is not None for p in preds)
         report["methods"][name] = {"run": str(version), "correct": correct, "n": n, "accuracy": round(correct / n, 4),
                                    "wilson95": [round(low, 4), round(high, 4)], "answered": answered,
                                    "seconds_per_step": step_seconds(version), "routing_test": routing_summary(version),
-                                   "routing_train": train_routing(version)}
+                                   "routing_train": train_routing(version) if routing_summary(version) else None}
     reference = next(iter(runs))
-    for name in list(runs)[1:]:
-        for other in [reference] + [m for m in runs if m not in (reference, name)][:1]:
+    pairs = [(name, reference) for name in list(runs)[1:]] + [tuple(p.split(":", 1)) for p in args.pair]
+    for name, other in pairs:
+        if True:
             shared = sorted(set(rows[name]) & set(rows[other]))
             b = sum(rows[name][i] and not rows[other][i] for i in shared)
             c = sum(rows[other][i] and not rows[name][i] for i in shared)
@@ -133,7 +135,7 @@ def main() -> None:
             report.setdefault("paired", []).append({
                 "method": name, "vs": other, "n": len(shared), "only_method": b, "only_reference": c,
                 "difference": round(diff, 4), "wald95": [round(diff - 1.96 * se, 4), round(diff + 1.96 * se, 4)],
-                "mcnemar_exact_p": round(mcnemar_exact(b, c), 6)})
+                "mcnemar_exact_p": float(f"{mcnemar_exact(b, c):.3g}")})
     if args.commands:
         report["commands"] = [line for line in Path(args.commands).read_text().splitlines() if line.strip()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
