@@ -107,6 +107,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", required=True, help="name=run folder; the first is the reference")
     parser.add_argument("--pair", action="append", default=[], help="method:reference, compared on shared rows")
+    parser.add_argument("--dataset", default="arc_e", help="score only this dataset's rows of predictions.jsonl")
     parser.add_argument("--out", required=True)
     parser.add_argument("--commands", default=None, help="a text file of the command lines that made the runs")
     args = parser.parse_args()
@@ -115,6 +116,7 @@ def main() -> None:
     for name, folder in runs.items():
         version = latest_version(Path(folder))
         preds = [json.loads(line) for line in (version / "predictions.jsonl").read_text().splitlines() if line]
+        preds = [p for p in preds if p.get("dataset", args.dataset) == args.dataset]
         rows[name] = {(i, p["prompt"]): bool(p["correct"]) for i, p in enumerate(preds)}  # test-file order
         correct, n = sum(rows[name].values()), len(rows[name])
         low, high = wilson(correct, n)
