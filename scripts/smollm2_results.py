@@ -108,6 +108,8 @@ def main() -> None:
     parser.add_argument("--run", action="append", required=True, help="name=run folder; the first is the reference")
     parser.add_argument("--pair", action="append", default=[], help="method:reference, compared on shared rows")
     parser.add_argument("--dataset", default="arc_e", help="score only this dataset's rows of predictions.jsonl")
+    parser.add_argument("--heldout", action="append", default=[], help="name=run folder with held-out accuracy")
+    parser.add_argument("--heldout_name", default="arc_e_heldout")
     parser.add_argument("--out", required=True)
     parser.add_argument("--commands", default=None, help="a text file of the command lines that made the runs")
     args = parser.parse_args()
@@ -138,6 +140,10 @@ def main() -> None:
                 "method": name, "vs": other, "n": len(shared), "only_method": b, "only_reference": c,
                 "difference": round(diff, 4), "wald95": [round(diff - 1.96 * se, 4), round(diff + 1.96 * se, 4)],
                 "mcnemar_exact_p": float(f"{mcnemar_exact(b, c):.3g}")})
+    for item in args.heldout:  # selection data: accuracy on held-out training rows, never the test rows
+        name, folder = item.split("=", 1)
+        results = json.loads((latest_version(Path(folder)) / "test_results.json").read_text())
+        report.setdefault("heldout", {})[name] = {k: results[args.heldout_name][k] for k in ("accuracy", "n")}
     if args.commands:
         report["commands"] = [line for line in Path(args.commands).read_text().splitlines() if line.strip()]
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
