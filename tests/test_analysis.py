@@ -158,3 +158,10 @@ def test_plots_draw(tmp_path):
     low, high = ax.get_ylim()
     acc = stats.interval_table(df)
     assert low <= 100 * acc["low"].min() and high >= 100 * acc["high"].max()   # intervals are never clipped
+
+
+def test_methods_are_compared_on_the_seeds_all_of_them_have():
+    df = _results({"lora": {"a": [0.1, 0.2, 0.9]}, "moelora": {"a": [0.2, 0.3]}})   # lora has an extra seed 2
+    assert stats.shared_seeds(df) == [0, 1]
+    acc = stats.interval_table(df).set_index(["method", "task"])
+    assert acc.loc[("lora", "a"), "seeds"] == 2 and acc.loc[("lora", "a"), "mean"] == pytest.approx(0.15)

@@ -94,9 +94,17 @@ def paired_t(a: Sequence[float], b: Sequence[float], level: float = 0.95) -> dic
     return {"diff": mean, "low": lo, "high": hi, "t": t, "p": p, "n": n}
 
 
+def shared_seeds(df: pd.DataFrame) -> list[int]:
+    """The seeds every method in ``df`` has (an ablation cut short may have more seeds for some methods)."""
+    sets = [set(block["seed"]) for _, block in df.groupby("method")]
+    return sorted(set.intersection(*sets)) if sets else []
+
+
 def per_seed(df: pd.DataFrame, split: str = "test") -> pd.DataFrame:
-    """Accuracy per (method, seed) x task for one split, plus the column :data:`MEAN` (mean over tasks)."""
+    """Accuracy per (method, seed) x task for one split, plus the column :data:`MEAN` (mean over tasks); only the
+    seeds every method has, so that all methods are compared on the same seeds."""
     part = df[df["split"] == split] if "split" in df.columns else df
+    part = part[part["seed"].isin(shared_seeds(part))]
     tasks = list(dict.fromkeys(part["task"]))
     table = part.pivot_table(index=["method", "seed"], columns="task", values="accuracy", aggfunc="mean")[tasks]
     table[MEAN] = table.mean(axis=1)
