@@ -10,18 +10,23 @@ data, checksummed; :mod:`moelora_lit.data.prepare`) and ``python -m moelora_lit 
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
+import warnings
 from typing import Any
 
+from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from moelora_lit.callbacks import RoutingStatsCallback
 from moelora_lit.data import ReasoningDataModule
+from moelora_lit.data.resumable import resumable_train_dataloader
+from moelora_lit.display import ProgressBar
+from moelora_lit.fault_tolerance import FaultTolerance
 from moelora_lit.gguf import tokenizer_reference
 from moelora_lit.module import MoELoRAModule
 from moelora_lit.reliability import (
-    FaultTolerance,
     NonFiniteLossError,
     TrainingInterrupted,
     check_checkpoint,
@@ -29,7 +34,6 @@ from moelora_lit.reliability import (
     check_output_dirs,
     describe_error,
     is_user_error,
-    resumable_train_dataloader,
 )
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -52,6 +56,16 @@ class MoELoRACLI(LightningCLI):
         parser.add_lightning_class_args(FaultTolerance, "faults")
         parser.add_argument("--test_after_fit", type=bool, default=True,
                             help="After fit, evaluate on data.test and write test_results.json.")
+
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list[Any]) -> Any:
+        """Lightning's TQDM bar on one line (loss terms, it/s) unless the config turns the bar off or brings one."""
+        given = config.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        if config.get("enable_progress_bar", True) is not False and not any(
+            isinstance(c, ProgressBarBase) for c in [*given, *callbacks]
+        ):
+            callbacks = [*callbacks, ProgressBar()]
+        return super()._instantiate_trainer(config, callbacks)
 
     def _prepare_subcommand_parser(self, klass: type, subcommand: str, **kwargs: Any) -> LightningArgumentParser:
         parser = super()._prepare_subcommand_parser(klass, subcommand, **kwargs)
@@ -127,12 +141,30 @@ def _run_tool(args: list[str]) -> int | None:
     return None
 
 
+class _QuietStartup(logging.Filter):
+    """Drops Lightning's start-up advertisements (cloud logging / model registry tips) and the TPU line."""
+
+    NOISE = ("💡 Tip:", "TPU available:")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.NOISE)
+
+
+def quiet_startup() -> None:
+    """Install :class:`_QuietStartup` once on Lightning's rank-zero logger."""
+    logger = logging.getLogger("lightning.pytorch.utilities.rank_zero")
+    if not any(isinstance(f, _QuietStartup) for f in logger.filters):
+        logger.addFilter(_QuietStartup())
+
+
 def main(args: list[str] | None = None) -> MoELoRACLI:
     """Run the CLI; on bad input print ``error: <message>`` and exit 2 (``MOELORA_DEBUG=1``: traceback)."""
     argv = sys.argv[1:] if args is None else args
     code = _run_tool(list(argv)) if isinstance(argv, (list, tuple)) else None
     if code is not None:
         sys.exit(code)
+    quiet_startup()
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated")  # Lightning's own
     parser_kwargs: dict[str, Any] = {"exit_on_error": False, **{s: {"exit_on_error": False} for s in SUBCOMMANDS}}
     try:
         return MoELoRACLI(MoELoRAModule, ReasoningDataModule, save_config_kwargs={"overwrite": True},

@@ -170,6 +170,8 @@ class MoELoRAModule(L.LightningModule):
         batch_size = batch["input_ids"].shape[0]
         self.log("train/loss", losses["loss"].detach(), prog_bar=True, batch_size=batch_size)
         self.log_dict({f"train/{k}": v.detach() for k, v in losses.items() if k != "loss"}, batch_size=batch_size)
+        shown = {"task": losses["task_loss"], "cl": losses["contrastive_loss"], "bal": losses["balance_loss"]}
+        self.log_dict({k: v.detach() for k, v in shown.items()}, prog_bar=True, logger=False, batch_size=batch_size)
         return losses["loss"]
 
     def on_after_backward(self) -> None:
