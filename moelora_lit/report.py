@@ -24,8 +24,6 @@ import yaml
 from moelora_lit.published import CLAIMS, published_for
 
 CONTAMINATED = {"addsub", "multiarith", "singleeq"}  # MAWPS rows are in math_10k (LLM-Adapters' announcement)
-_T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-         12: 2.179, 15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
 
 
 @dataclass
@@ -39,13 +37,10 @@ class Run:
 
 
 def t_critical(df: int) -> float:
-    """Two-sided 95% Student-t quantile (scipy when installed, else a table rounded to the next smaller df)."""
-    try:
-        from scipy.stats import t
+    """Two-sided 95% Student-t quantile (numpy only, :func:`moelora_lit.analysis.stats.t_quantile`)."""
+    from moelora_lit.analysis.stats import t_quantile
 
-        return float(t.ppf(0.975, df))
-    except ImportError:
-        return _T975[max(k for k in _T975 if k <= df)] if df < 1000 else 1.960
+    return t_quantile(0.975, df)
 
 
 def mean_ci(values: list[float]) -> tuple[float, float]:
