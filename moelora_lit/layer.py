@@ -170,9 +170,7 @@ class MoELoRALinear(nn.Module):
                 # Score real tokens only: padding is often a third of a batch, and this loss is the costliest
                 # term of a CPU step. The index is a host sync, free on CPU (devices keep fixed shapes).
                 real = mask.nonzero().squeeze(1)                                       # (T',)
-                cl_a, cl_chosen, cl_gates = a.index_select(0, real), chosen.index_select(0, real), \
-                    gates.index_select(0, real)
-                cl_weight = weight.index_select(0, real)
+                cl_a, cl_chosen, cl_gates, cl_weight = (t.index_select(0, real) for t in (a, chosen, gates, weight))
             n_tok = cl_a.shape[0]
             z = F.normalize(cl_a.view(n_tok, c.num_experts, -1).float(), dim=-1)       # (T, N, s)
             anchors = z.gather(1, cl_chosen[..., None].expand(-1, -1, z.shape[-1]))    # (T, K, s)
