@@ -139,6 +139,7 @@ def test_ddp_queues_are_identical_on_every_rank_and_hold_every_ranks_anchors(tmp
     module = MoELoRAModule(base_model=base, adapter=MoELoRAConfig(
         r=8, num_experts=4, top_k=2, lora_dropout=0.0, contrastive_weight=0.1, contrastive_queue_size=1024))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=3, logger=False,
+                        default_root_dir=tmp_path,                  # the exported adapter goes here, not the cwd
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                         callbacks=[_QueueProbe(tmp_path)])
     trainer.fit(module, train_dataloaders=DataLoader(_Tokens(24), batch_size=4))
