@@ -8,10 +8,14 @@ cost 15 ms per call on a busy 2-core machine (index_select: 10 us).
 
 from __future__ import annotations
 
+from functools import partial
+from typing import Callable
+
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.function import once_differentiable
+
+from moelora_lit import kernels
 
 
 def contrastive_loss(
@@ -42,9 +46,6 @@ def contrastive_loss(
     return _ContrastiveLoss.apply(anchors, anchor_experts, anchor_weight, queue, queue_count, temperature)
 
 
-_MASKED_LOGIT = -1e30  # finite stand-in for -inf: an unfilled slot gets probability exactly 0, never NaN
-
-
 class _ContrastiveLoss(torch.autograd.Function):
     """:func:`contrastive_loss` with its gradient computed in the forward pass (closed form).
 
@@ -52,35 +53,30 @@ class _ContrastiveLoss(torch.autograd.Function):
     logits over all filled entries, the sum over an anchor's positive pairs collapses to
     ``w_a * (z_a . S_i / tau - c_i * lse_a)``. The gradient with respect to ``z_a`` is
     ``(w_a * c_i * (p_a @ queue) - w_a * S_i) / (tau * W)`` with ``p_a`` the softmax over candidates and
-    ``W`` the number of pairs. So the (anchors, N*Q) logits live only inside this call: one matmul, one
-    softmax and one matmul back, and only the (A, s) gradient is kept for backward. The queue and the
+    ``W`` the number of pairs. So the (anchors, N*Q) logits live only inside this call (see
+    :mod:`moelora_lit.kernels`), and only the (A, s) gradient is kept for backward. The queue and the
     weights are constants (no gradient), as in the layer, where they are buffers and masks.
     """
 
     @staticmethod
     def forward(ctx, anchors, anchor_experts, anchor_weight, queue, queue_count, temperature):
+        need_grad = ctx.needs_input_grad[0]
         with torch.autocast(device_type=anchors.device.type, enabled=False):
-            dtype = torch.promote_types(anchors.dtype, torch.float32)
-            num_experts, queue_size, dim = queue.shape
-            filled = torch.arange(queue_size, device=queue.device) < queue_count[:, None]        # (N, Q)
-            entries = torch.where(filled[..., None], queue.to(dtype), 0.0)                       # (N, Q, s)
-            flat = entries.reshape(num_experts * queue_size, dim)                                # (N*Q, s)
-            # The unfilled-slot mask rides in the matmul as an extra column (anchors get a 1 there):
-            # addmm's broadcast copy of a bias row into the (A, N*Q) output costs as much as the softmax.
-            bias = torch.where(filled.reshape(-1, 1), 0.0, _MASKED_LOGIT).to(dtype)              # (N*Q, 1)
-            keys = torch.cat([flat, bias], 1)                                                    # (N*Q, s+1)
-            scaled = anchors.to(dtype) * (1.0 / temperature)                                     # (A, s)
-            count = filled.sum(1).to(dtype).index_select(0, anchor_experts)                      # (A,) c_i
-            weight = anchor_weight.to(dtype)
-            pair_weight = weight * count                                                         # (A,)
-            total = pair_weight.sum().clamp_min(1.0)
-            positive_sum = entries.sum(1).index_select(0, anchor_experts)                        # (A, s) S_i
-            need_grad = ctx.needs_input_grad[0]
-            lse, expected = _logsumexp_and_expectation(F.pad(scaled, (0, 1), value=1.0), keys, need_grad)
-            loss = -(weight * (scaled * positive_sum).sum(-1) - pair_weight * lse).sum() / total
+            result = None
+            if kernels.use_compiled(anchors) and anchors.shape[0] > 0:
+                # Everything below compiled into a few loops: at 28 layers the eager version's small ops cost as
+                # much as the softmax itself.
+                result = kernels.compiled(_bounded_loss_and_gradient)(
+                    anchors, anchor_experts, anchor_weight, queue, queue_count, temperature)
+                if result is not None and float(result[2]) > kernels.MAX_SHIFT:   # host sync, free on CPU
+                    result = None
+            if result is None:
+                moments = partial(kernels.softmax_moments, need_expectation=need_grad)
+                result = _loss_and_gradient(moments, anchors, anchor_experts, anchor_weight, queue, queue_count,
+                                            temperature)
+            loss, grad, _ = result
             if need_grad:
-                grad = expected * pair_weight[:, None] - positive_sum * weight[:, None]          # (A, s)
-                ctx.save_for_backward((grad / (total * temperature)).to(anchors.dtype))
+                ctx.save_for_backward(grad.to(anchors.dtype))
         return loss
 
     @staticmethod
@@ -90,34 +86,34 @@ class _ContrastiveLoss(torch.autograd.Function):
         return grad * grad_loss.to(grad.dtype), None, None, None, None, None
 
 
-# PyTorch's fused CPU attention kernel returns the softmax-weighted values *and* the log-sum-exp, computed
-# block by block with an online softmax, so the (A, C) logits never leave the cache. Private op: if a
-# release drops it, the matmul + softmax path below is used.
-_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+def _loss_and_gradient(moments: Callable, anchors: Tensor, anchor_experts: Tensor, anchor_weight: Tensor,
+                       queue: Tensor, queue_count: Tensor, temperature: float):
+    """``(loss, d loss / d anchors or None, what moments reports)`` of :class:`_ContrastiveLoss`.
 
-
-def _logsumexp_and_expectation(lhs: Tensor, keys: Tensor, need_expectation: bool) -> tuple[Tensor, Tensor | None]:
-    """``logsumexp(lhs @ keys.T, -1)`` and, if asked, ``softmax(lhs @ keys.T, -1) @ keys[:, :-1]``.
-
-    ``lhs`` (A, s+1) and ``keys`` (C, s+1) carry the mask column last. ``keys`` also serve as the values:
-    their last column is dropped from the result (masked slots have probability 0, or it is all-masked junk).
-    On CPU in float32 this is one fused attention call with ``lhs`` as the queries: materialising the
-    (A, C) logits costs a round trip to memory (about half of this loss's time at the benchmark size).
-    Blocking the anchors by hand so each block stays in L2 was faster at 1 thread but slower at 2.
+    ``moments(scaled, entries, bias)`` returns ``(lse, expected or None, extra)``, see :mod:`moelora_lit.kernels`.
     """
-    if lhs.is_cpu and lhs.dtype == torch.float32 and _CPU_FLASH is not None:
-        out, lse = _CPU_FLASH(lhs[None, None], keys[None, None], keys[None, None], scale=1.0)
-        return lse[0, 0], out[0, 0, :, :-1] if need_expectation else None
-    logits = lhs @ keys.T                                                                    # (A, C)
-    if not need_expectation:
-        return torch.logsumexp(logits, -1), None
-    top = logits.amax(-1)
-    # In place on CPU: a second (A, C) allocation costs more than the softmax itself there.
-    probs = torch.softmax(logits, -1, out=logits if logits.is_cpu else None)
-    # The largest probability is 1 / sum exp(logit - max), so lse = max - log(max prob): two cheap amax
-    # passes instead of logsumexp's second exp pass.
-    flat = keys[:, :-1]                                                                      # (C, s)
-    return top - probs.amax(-1).log(), (flat.T @ probs.T).T       # probs @ flat; this order is ~3x faster on CPU
+    dtype = torch.promote_types(anchors.dtype, torch.float32)
+    num_experts, queue_size, dim = queue.shape
+    filled = torch.arange(queue_size, device=queue.device) < queue_count[:, None]         # (N, Q)
+    entries = torch.where(filled[..., None], queue.to(dtype), 0.0)                         # (N, Q, s)
+    bias = torch.where(filled.reshape(-1), 0.0, kernels.MASKED_LOGIT).to(dtype)            # (N*Q,)
+    scaled = anchors.to(dtype) * (1.0 / temperature)                                       # (A, s)
+    count = filled.sum(1).to(dtype).index_select(0, anchor_experts)                        # (A,) c_i
+    weight = anchor_weight.to(dtype)
+    pair_weight = weight * count                                                           # (A,)
+    total = pair_weight.sum().clamp_min(1.0)
+    positive_sum = entries.sum(1).index_select(0, anchor_experts)                          # (A, s) S_i
+    lse, expected, extra = moments(scaled, entries.reshape(num_experts * queue_size, dim), bias)
+    loss = -(weight * (scaled * positive_sum).sum(-1) - pair_weight * lse).sum() / total
+    grad = None
+    if expected is not None:
+        grad = (expected * pair_weight[:, None] - positive_sum * weight[:, None]) / (total * temperature)
+    return loss, grad, extra
+
+
+def _bounded_loss_and_gradient(*args):
+    """:func:`_loss_and_gradient` with :func:`moelora_lit.kernels.bounded_softmax_moments` (the one compiled)."""
+    return _loss_and_gradient(kernels.bounded_softmax_moments, *args)
 
 
 @torch.no_grad()

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 
 import pytest
 import torch
 
-from moelora_lit import losses
+from moelora_lit import kernels, losses
 from moelora_lit.losses import contrastive_loss, cv2_balance_loss, push_queue, switch_balance_loss, z_loss
 
 
@@ -103,14 +104,72 @@ def differentiable_reference(anchors, experts, weights, queue, count, tau):
     return torch.stack(terms).mean()
 
 
-@pytest.fixture(params=["fused CPU kernel", "matmul and softmax"])
+@pytest.fixture(params=["compiled kernel", "fused CPU kernel", "matmul and softmax"])
 def cpu_path(request, monkeypatch):
-    """Both ways the loss is computed in float32 on CPU: the fused attention kernel and the fallback."""
+    """Every way the loss is computed in float32 on CPU: the Inductor-compiled loop (the default), PyTorch's fused
+    attention kernel (its fallback) and plain matmul + softmax (where that op is missing)."""
+    monkeypatch.setattr(kernels, "COMPILE_ON_CPU", request.param == "compiled kernel")
+    monkeypatch.setattr(kernels, "_compile_failed", False)
     if request.param == "fused CPU kernel":
-        assert losses._CPU_FLASH is not None, "torch no longer has the fused CPU attention op"
-    else:
-        monkeypatch.setattr(losses, "_CPU_FLASH", None)
+        assert kernels._CPU_FLASH is not None, "torch no longer has the fused CPU attention op"
+    elif request.param == "matmul and softmax":
+        monkeypatch.setattr(kernels, "_CPU_FLASH", None)
     return request.param
+
+
+def random_case(seed: int = 3, anchors: int = 40, experts: int = 4, size: int = 16, dim: int = 4):
+    generator = torch.Generator().manual_seed(seed)
+    queue = torch.nn.functional.normalize(torch.randn(experts, size, dim, generator=generator), dim=-1)
+    count = torch.randint(0, size + 1, (experts,), generator=generator)
+    count[0] = size
+    chosen = torch.randint(0, experts, (anchors,), generator=generator)
+    weights = (torch.rand(anchors, generator=generator) > 0.2).float()
+    z = torch.nn.functional.normalize(torch.randn(anchors, dim, generator=generator), dim=-1)
+    return z, chosen, weights, queue, count
+
+
+@pytest.mark.parametrize("dim", [2, 4, 8])
+def test_compiled_kernel_is_used_and_agrees_with_the_attention_kernel(dim, monkeypatch):
+    z, chosen, weights, queue, count = random_case(dim=dim)
+    calls = []
+    original = kernels.compiled
+    monkeypatch.setattr(kernels, "compiled", lambda function: calls.append(1) or original(function))
+    monkeypatch.setattr(kernels, "_compile_failed", False)
+    results = {}
+    for compiled in (True, False):
+        monkeypatch.setattr(kernels, "COMPILE_ON_CPU", compiled)
+        ours = z.clone().requires_grad_()
+        loss = contrastive_loss(ours, chosen, weights, queue, count, 0.07)
+        loss.backward()
+        results[compiled] = (loss.detach(), ours.grad)
+    assert len(calls) == 1 and not kernels._compile_failed              # only the compiled run went through it
+    torch.testing.assert_close(results[True], results[False], atol=1e-5, rtol=1e-5)
+
+
+def test_a_failed_compile_warns_once_and_falls_back_to_the_attention_kernel(monkeypatch):
+    def broken(*args):
+        raise RuntimeError("no C++ compiler")
+    monkeypatch.setattr(kernels, "COMPILE_ON_CPU", True)
+    monkeypatch.setattr(kernels, "_compile_failed", False)
+    monkeypatch.setattr(kernels, "_compiled", {losses._bounded_loss_and_gradient: broken})
+    queue, count = queue_tensor([[unit(10), unit(100)], [unit(200)]], size=2)
+    anchors, experts = torch.tensor([unit(0), unit(30)]), torch.tensor([0, 1])
+    expected = naive_contrastive([unit(0), unit(30)], [0, 1], [1.0, 1.0], [[unit(10), unit(100)], [unit(200)]], 0.1)
+    with pytest.warns(RuntimeWarning, match="MOELORA_COMPILE_CONTRASTIVE=0"):
+        first = contrastive_loss(anchors, experts, torch.ones(2), queue, count, 0.1)
+    assert first.item() == pytest.approx(expected, rel=1e-5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                                  # no second warning
+        assert contrastive_loss(anchors, experts, torch.ones(2), queue, count, 0.1).item() == first.item()
+
+
+def test_low_temperature_stays_exact_past_the_compiled_kernels_range(cpu_path):
+    # tau 0.01: logits up to 100, beyond the compiled kernel's bounded shift; the attention kernel takes over.
+    queue, count = queue_tensor([[unit(0), unit(170)], [unit(90)]], size=2)
+    anchors = torch.tensor([unit(175), unit(95)])
+    loss = contrastive_loss(anchors, torch.tensor([0, 1]), torch.ones(2), queue, count, 0.01)
+    expected = naive_contrastive([unit(175), unit(95)], [0, 1], [1.0, 1.0], [[unit(0), unit(170)], [unit(90)]], 0.01)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])

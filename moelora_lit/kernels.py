@@ -1,0 +1,102 @@
+"""The contrastive loss's hot spot: a softmax over every queue entry for every anchor, and its moments.
+
+For anchors ``x`` (A, s) already divided by tau, queue entries ``k`` (C, s) and a mask bias ``b`` (C,) (0 for a
+filled slot, -1e30 for an empty one) the loss needs, per anchor, ``lse = logsumexp_c(x . k_c + b_c)`` and the
+softmax-weighted mean entry ``sum_c softmax_c * k_c``. With s = 4 and C = 1024 (the quickstart's 8 experts x 128)
+the work is millions of tiny dot products and exps per layer, which no matmul library runs well. Three ways, in
+order of preference on CPU in float32 (others: the matmul path):
+
+- :func:`bounded_softmax_moments`, compiled by TorchInductor (:func:`compiled`): one C++ loop per anchor keeps the
+  logit, exp, sum and the s weighted sums in registers. 3.3x faster than the next option at s=4 (0.9 vs 3.0 ms
+  for 2176 anchors x 1024 entries, 1 thread); compiled once per process in 1-4 s with dynamic shapes (Inductor
+  caches the C++ on disk). Needs a C++ compiler: set ``MOELORA_COMPILE_CONTRASTIVE=0`` to skip it; a failed
+  compile warns once and falls back.
+- PyTorch's fused CPU attention kernel with the anchors as queries (private op; online softmax, no (A, C) buffer).
+- matmul + softmax + matmul.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+MASKED_LOGIT = -1e30  # finite stand-in for -inf: an unfilled slot gets probability exactly 0, never NaN
+
+COMPILE_ON_CPU = os.environ.get("MOELORA_COMPILE_CONTRASTIVE", "1") != "0"
+# exp(logit - shift) with shift >= every logit of the anchor lies in [exp(-2 shift), 1]; past exp(-80) float32
+# leaves its normal range, so a larger bound means "use another path" (tau < 0.025 with unit vectors).
+MAX_SHIFT = 40.0
+
+_CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_compiled: dict[Callable, Callable] = {}
+_compile_failed = False
+
+
+def bounded_softmax_moments(scaled: Tensor, entries: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(lse, expected, largest shift)`` without a max pass: each anchor's shift is a bound of its logits.
+
+    ``scaled`` (A, s), ``entries`` (C, s), ``bias`` (C,). By Cauchy-Schwarz ``|x . k| <= |x| max|k|``, so
+    ``exp(logit - shift)`` cannot overflow; the caller checks the returned largest shift against
+    :data:`MAX_SHIFT` (underflow). The logits are written as s broadcast products so that Inductor fuses
+    them, the exp and the s + 1 reductions into one pass over the entries.
+    """
+    dim = scaled.shape[1]
+    shift = scaled.norm(dim=-1, keepdim=True) * entries.norm(dim=-1).amax()              # (A, 1)
+    keys_t = entries.T                                                                  # (s, C)
+    logits = bias - shift                                                               # (A, C)
+    for d in range(dim):
+        logits = logits + scaled[:, d:d + 1] * keys_t[d]
+    probs = logits.exp()
+    norm = probs.sum(-1).clamp_min(torch.finfo(probs.dtype).tiny)                      # 0 if every slot is empty
+    moments = torch.stack([(probs * keys_t[d]).sum(-1) for d in range(dim)], -1)       # (A, s)
+    return norm.log() + shift[:, 0], moments / norm[:, None], shift.amax()
+
+
+def softmax_moments(scaled: Tensor, entries: Tensor, bias: Tensor,
+                    need_expectation: bool = True) -> tuple[Tensor, Tensor | None, None]:
+    """``(lse, expected or None, None)`` exactly, by the fused attention kernel on CPU, else matmul + softmax."""
+    lhs = torch.cat([scaled, scaled.new_ones(scaled.shape[0], 1)], 1)                  # the bias rides in the matmul
+    keys = torch.cat([entries, bias[:, None]], 1)                                      # (C, s+1)
+    if lhs.is_cpu and lhs.dtype == torch.float32 and _CPU_FLASH is not None:
+        out, lse = _CPU_FLASH(lhs[None, None], keys[None, None], keys[None, None], scale=1.0)
+        return lse[0, 0], out[0, 0, :, :-1] if need_expectation else None, None
+    logits = lhs @ keys.T                                                               # (A, C)
+    if not need_expectation:
+        return torch.logsumexp(logits, -1), None, None
+    top = logits.amax(-1)
+    # In place on CPU: a second (A, C) allocation costs more than the softmax itself there.
+    probs = torch.softmax(logits, -1, out=logits if logits.is_cpu else None)
+    # The largest probability is 1 / sum exp(logit - max), so lse = max - log(max prob): two cheap amax
+    # passes instead of logsumexp's second exp pass.
+    return top - probs.amax(-1).log(), (entries.T @ probs.T).T, None  # probs @ entries; ~3x faster on CPU
+
+
+def use_compiled(tensor: Tensor) -> bool:
+    """Whether the compiled CPU path applies to the loss's float32 working tensors like ``tensor``."""
+    return COMPILE_ON_CPU and not _compile_failed and tensor.is_cpu and tensor.dtype == torch.float32
+
+
+def compiled(function: Callable) -> Callable:
+    """``function`` compiled by TorchInductor (dynamic shapes), or ``None``-returning if compiling failed."""
+    if function not in _compiled:
+        _compiled[function] = torch.compile(function, fullgraph=True)
+    return _run_or_fall_back(_compiled[function])
+
+
+def _run_or_fall_back(function: Callable) -> Callable:
+    def run(*args, **kwargs):
+        global _compile_failed
+        try:
+            return function(*args, **kwargs)
+        except Exception as error:  # no C++ compiler, an unsupported platform...: the eager paths still work
+            _compile_failed = True
+            warnings.warn(f"moelora_lit: compiling the contrastive loss's CPU kernel failed ({type(error).__name__}: "
+                          f"{str(error).strip()[:300]}); using PyTorch's fused attention kernel instead (slower). "
+                          "Install a C++ compiler (g++) or set MOELORA_COMPILE_CONTRASTIVE=0 to silence this.",
+                          RuntimeWarning, stacklevel=2)
+            return None
+    return run
