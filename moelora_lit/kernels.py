@@ -81,7 +81,9 @@ def use_compiled(tensor: Tensor) -> bool:
 
 
 def compiled(function: Callable) -> Callable:
-    """``function`` compiled by TorchInductor (dynamic shapes), or ``None``-returning if compiling failed."""
+    """``function(anchors, experts, weights, ...)`` compiled by TorchInductor, or ``None``-returning if compiling
+    failed. The first dimension of the first three arguments is dynamic; the other shapes (the queue's) are static,
+    which keeps the hot loop free of index arithmetic (8.4 vs 1.0 ms per layer with every shape dynamic)."""
     if function not in _compiled:
         _compiled[function] = torch.compile(function, fullgraph=True)
     return _run_or_fall_back(_compiled[function])
@@ -90,6 +92,8 @@ def compiled(function: Callable) -> Callable:
 def _run_or_fall_back(function: Callable) -> Callable:
     def run(*args, **kwargs):
         global _compile_failed
+        for tensor in args[:3]:     # anchors, experts, weights: their count changes every step, the queue's never
+            torch._dynamo.maybe_mark_dynamic(tensor, 0)
         try:
             return function(*args, **kwargs)
         except Exception as error:  # no C++ compiler, an unsupported platform...: the eager paths still work
