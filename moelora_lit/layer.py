@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.losses import contrastive_loss, cv2_balance_loss, push_queue, switch_balance_loss, z_loss
+from moelora_lit.losses import cv2_balance_loss, expert_contrastive_loss, push_queue, switch_balance_loss, z_loss
 
 
 def base_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -172,21 +172,17 @@ class MoELoRALinear(nn.Module):
                 real = mask.nonzero().squeeze(1)                                       # (T',)
                 cl_a, cl_chosen, cl_gates, cl_weight = (t.index_select(0, real) for t in (a, chosen, gates, weight))
             n_tok = cl_a.shape[0]
-            z = F.normalize(cl_a.view(n_tok, c.num_experts, -1).float(), dim=-1)       # (T, N, s)
-            anchors = z.gather(1, cl_chosen[..., None].expand(-1, -1, z.shape[-1]))    # (T, K, s)
-            anchors = anchors.reshape(n_tok * k, -1)
-            experts = cl_chosen.reshape(-1)
-            anchor_weight = (cl_weight[:, None] * (cl_gates.gather(1, cl_chosen) > 0)).reshape(-1)
-            scored = (anchors, experts, anchor_weight)
-            if c.contrastive_max_anchors is not None and anchors.shape[0] > c.contrastive_max_anchors:
+            keep = cl_weight[:, None] * (cl_gates.gather(1, cl_chosen) > 0)             # (T, K) real anchors
+            scored = None
+            if c.contrastive_max_anchors is not None and n_tok * k > c.contrastive_max_anchors:
                 # Real anchors first (weight 1 + u beats 0 + u), uniformly among them; fixed shape, no sync.
-                keep = (torch.rand_like(anchor_weight) + anchor_weight).topk(c.contrastive_max_anchors).indices
-                scored = tuple(t.index_select(0, keep) for t in scored)
-            out["contrastive"] = contrastive_loss(
-                *scored, self.contrastive_queue, self.contrastive_queue_count, c.contrastive_temperature,
-            )
+                scored = (torch.rand(n_tok * k, device=keep.device) + keep.reshape(-1)).topk(
+                    c.contrastive_max_anchors).indices
+            out["contrastive"], anchors = expert_contrastive_loss(
+                cl_a.view(n_tok, c.num_experts, -1).float(), cl_chosen, keep.to(torch.float32),
+                self.contrastive_queue, self.contrastive_queue_count, c.contrastive_temperature, scored)
             if not recomputed:
-                self.pending = (anchors.detach(), experts, anchor_weight.detach())
+                self.pending = (anchors, cl_chosen.reshape(-1), keep.reshape(-1).detach())
         if logits is not None and c.balance_weight > 0:
             out["balance"] = (cv2_balance_loss(gates, weight) if c.balance_loss == "cv2"
                               else switch_balance_loss(gates, logits, weight))

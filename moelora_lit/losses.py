@@ -116,6 +116,88 @@ def _bounded_loss_and_gradient(*args):
     return _loss_and_gradient(kernels.bounded_softmax_moments, *args)
 
 
+def expert_contrastive_loss(
+    projections: Tensor,
+    chosen: Tensor,
+    keep: Tensor,
+    queue: Tensor,
+    queue_count: Tensor,
+    temperature: float,
+    scored: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`contrastive_loss` of a layer's routed tokens, from the experts' raw A-projections (DESIGN 1.3).
+
+    The anchors are ``normalize(projections[t, chosen[t, k]])``; the normalisation, the gather and the loss run
+    as one autograd node whose gradient is computed in closed form in the forward pass (on CPU in float32, one
+    compiled graph: see :mod:`moelora_lit.kernels`).
+
+    Args:
+        projections: (T, N, s) ``A x`` per expert, before gating.
+        chosen: (T, K) long, each token's routed experts.
+        keep: (T, K) float, 1 for a real anchor (a real token with a non-zero gate), 0 otherwise.
+        queue, queue_count, temperature: as in :func:`contrastive_loss`.
+        scored: optional (M,) long indices into the T*K anchors: score only those (the anchors are all returned).
+
+    Returns:
+        ``(loss, anchors)``: the scalar loss and the (T*K, s) detached anchors, to push into the queues.
+    """
+    loss, anchors = _ExpertContrastiveLoss.apply(projections, chosen, keep, queue, queue_count, temperature, scored)
+    return loss, anchors
+
+
+class _ExpertContrastiveLoss(torch.autograd.Function):
+    """:func:`expert_contrastive_loss`; backward scales the gradient kept from the forward pass."""
+
+    @staticmethod
+    def forward(ctx, projections, chosen, keep, queue, queue_count, temperature, scored):
+        with torch.autocast(device_type=projections.device.type, enabled=False):
+            args = (projections, chosen, keep, queue, queue_count, temperature, scored)
+            result = None
+            if kernels.use_compiled(projections) and projections.shape[0] > 0:
+                result = kernels.compiled(_bounded_expert_loss_and_gradient)(*args)
+                if result is not None and float(result[3]) > kernels.MAX_SHIFT:   # host sync, free on CPU
+                    result = None
+            if result is None:
+                result = _expert_loss_and_gradient(kernels.softmax_moments, *args)
+            loss, grad, anchors, _ = result
+        ctx.save_for_backward(grad.to(projections.dtype))
+        ctx.mark_non_differentiable(anchors)
+        return loss, anchors
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_anchors):
+        (grad,) = ctx.saved_tensors
+        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+
+
+def _expert_loss_and_gradient(moments: Callable, projections: Tensor, chosen: Tensor, keep: Tensor, queue: Tensor,
+                              queue_count: Tensor, temperature: float, scored: Tensor | None):
+    """``(loss, d loss / d projections, anchors, what moments reports)`` of :func:`expert_contrastive_loss`."""
+    tokens, _, dim = projections.shape
+    norm = projections.norm(dim=-1, keepdim=True)                                        # F.normalize, eps 1e-12
+    z = projections / norm.clamp_min(1e-12)                                              # (T, N, s)
+    index = chosen[..., None].expand(-1, -1, dim)                                        # (T, K, s)
+    anchors = z.gather(1, index).reshape(-1, dim)                                        # (T*K, s)
+    experts, weight = chosen.reshape(-1), keep.reshape(-1)
+    if scored is None:
+        loss, grad, extra = _loss_and_gradient(moments, anchors, experts, weight, queue, queue_count, temperature)
+    else:
+        loss, grad_scored, extra = _loss_and_gradient(
+            moments, anchors.index_select(0, scored), experts.index_select(0, scored),
+            weight.index_select(0, scored), queue, queue_count, temperature)
+        grad = torch.zeros_like(anchors).index_add_(0, scored, grad_scored)
+    grad_z = torch.zeros_like(z).scatter_add_(1, index, grad.view(tokens, -1, dim))     # gather's backward
+    # normalize's backward: project out the radial part, divide by the norm (below eps: plain division by eps).
+    radial = z * (z * grad_z).sum(-1, keepdim=True) * (norm > 1e-12)
+    return loss, (grad_z - radial) / norm.clamp_min(1e-12), anchors, extra
+
+
+def _bounded_expert_loss_and_gradient(*args):
+    """:func:`_expert_loss_and_gradient` with :func:`moelora_lit.kernels.bounded_softmax_moments` (compiled)."""
+    return _expert_loss_and_gradient(kernels.bounded_softmax_moments, *args)
+
+
 @torch.no_grad()
 def push_queue(
     queue: Tensor, queue_ptr: Tensor, queue_count: Tensor,

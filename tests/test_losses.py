@@ -194,6 +194,32 @@ def test_contrastive_gradient_matches_autograd_of_the_definition(dtype, cpu_path
         torch.testing.assert_close(contrastive_loss(ours, experts, weights, queue, count, 0.3), loss.detach())
 
 
+@pytest.mark.parametrize("subset", [False, True])
+def test_expert_contrastive_loss_matches_autograd_through_normalize_and_gather(subset, cpu_path):
+    """The fused layer-level loss: value, gradient with respect to the raw projections and the returned anchors."""
+    generator = torch.Generator().manual_seed(5)
+    tokens, experts, top_k, dim = 7, 4, 2, 4
+    queue = torch.nn.functional.normalize(torch.randn(experts, 6, dim, generator=generator), dim=-1)
+    count = torch.tensor([6, 3, 0, 6])
+    raw = torch.randn(tokens, experts, dim, generator=generator)
+    raw[2, :] = 0.0                                                     # zero projections: normalize's eps branch
+    chosen = torch.stack([torch.randperm(experts, generator=generator)[:top_k] for _ in range(tokens)])
+    keep = (torch.rand(tokens, top_k, generator=generator) > 0.25).float()
+    scored = torch.tensor([0, 3, 4, 9, 12, 13]) if subset else None
+    ours = raw.clone().requires_grad_()
+    loss, anchors = losses.expert_contrastive_loss(ours, chosen, keep, queue, count, 0.2, scored)
+    ref = raw.clone().requires_grad_()
+    z = torch.nn.functional.normalize(ref, dim=-1).gather(1, chosen[..., None].expand(-1, -1, dim)).reshape(-1, dim)
+    pick = torch.arange(tokens * top_k) if scored is None else scored
+    expected = differentiable_reference(z[pick], chosen.reshape(-1)[pick], keep.reshape(-1)[pick], queue, count, 0.2)
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(anchors, z.detach(), atol=1e-6, rtol=1e-6)   # every anchor, scored or not
+    assert not anchors.requires_grad
+    (3.0 * loss).backward()
+    (3.0 * expected).backward()
+    torch.testing.assert_close(ours.grad, ref.grad, atol=1e-5, rtol=1e-5)
+
+
 def test_contrastive_gradcheck():
     generator = torch.Generator().manual_seed(1)
     queue = torch.randn(2, 3, 4, generator=generator, dtype=torch.float64)
