@@ -113,6 +113,7 @@ class Variant:
     step_cpu_ms: list[float] = field(default_factory=list)
     gen_ms: list[float] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
+    first_step_ms: float | None = None  # includes one-time work: compiling the CPU contrastive kernel, AdamW state
 
     @property
     def trainable(self) -> list[nn.Parameter]:
@@ -179,9 +180,13 @@ def generate(v: Variant, batch: dict[str, torch.Tensor], s: Sizes, amp: torch.dt
 def time_steps(variants: list[Variant], batch: dict[str, torch.Tensor], s: Sizes, amp: torch.dtype | None) -> None:
     """``s.warmup`` steps per variant, then ``s.reps`` rounds of one step each, the order rotating every round."""
     device = batch["input_ids"].device
-    for v in variants:  # also fills the contrastive queues and creates AdamW's state
-        for _ in range(s.warmup):
+    for v in variants:  # also fills the contrastive queues, creates AdamW's state and compiles kernels
+        for i in range(s.warmup):
+            t0 = time.perf_counter()
             train_step(v, batch, amp)
+            if i == 0:
+                sync(device)
+                v.first_step_ms = (time.perf_counter() - t0) * 1e3
     sync(device)
     for rep in range(s.reps):
         k = rep % len(variants)

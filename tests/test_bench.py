@@ -48,6 +48,7 @@ def test_every_variant_has_timings_and_memory(report):
             assert positive_finite(row[key]), (name, key, row[key])
         assert len(row["step_ms_all"]) == reps and all(positive_finite(t) for t in row["step_ms_all"])
         assert row["peak_memory_mb"] >= row["persistent_mb"]
+        assert positive_finite(row["first_step_ms"])                    # includes one-time compiling
     assert report["variants"]["peft_lora"]["step_time_ratio_vs_peft_lora"] == 1.0
     assert report["variants"]["base"]["trainable_params"] == 0
     # MoELoRA has exactly LoRA's parameters plus the router (DESIGN 1.1)
