@@ -31,6 +31,8 @@ COMPILE_ON_CPU = os.environ.get("MOELORA_COMPILE_CONTRASTIVE", "1") != "0"
 # leaves its normal range, so a larger bound means "use another path" (tau < 0.025 with unit vectors).
 MAX_SHIFT = 40.0
 
+RECOMPILE_LIMIT = 64  # compiled versions per kernel and process (one per distinct layer shape and temperature)
+
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
 _compiled: dict[Callable, Callable] = {}
 _compile_failed = False
@@ -79,18 +81,49 @@ def softmax_moments(scaled: Tensor, entries: Tensor, bias: Tensor,
 
 def use_compiled(tensor: Tensor) -> bool:
     """Whether the compiled CPU path applies to the loss's float32 working tensors like ``tensor``."""
-    return COMPILE_ON_CPU and not _compile_failed and tensor.is_cpu and tensor.dtype == torch.float32
+    return (COMPILE_ON_CPU and not _compile_failed and not _forked and tensor.is_cpu
+            and tensor.dtype == torch.float32)
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (Lightning's ddp_fork) inherits Inductor's compile workers and locks in an unusable state: a
+    # compile there hung a 2-process test. Children use the attention kernel (same values to 1e-5).
+    global _forked
+    _forked = True
+
+
+_forked = False
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def static_shapes(args: tuple, dynamic: tuple[int, ...] = (0, 1, 2)) -> None:
+    """Inside a compiled function: specialise every dimension of ``args`` but the first of those at ``dynamic``.
+
+    Dynamo would otherwise make a dimension dynamic once it has seen two values of it in the process (another
+    layer shape), which changes the generated kernel, its speed and its rounding with the process's history: an
+    exact resume needs the same kernel every time.
+    """
+    if not torch.compiler.is_compiling():
+        return
+    for i, arg in enumerate(args):
+        if isinstance(arg, Tensor):
+            for d in range(1 if i in dynamic else 0, arg.dim()):
+                torch._dynamo.mark_static(arg, d)
 
 
 def compiled(function: Callable, dynamic: tuple[int, ...] = (0, 1, 2)) -> Callable:
     """``function`` compiled by TorchInductor, returning ``None`` instead if compiling failed.
 
     The first dimension of the arguments at positions ``dynamic`` (the anchors: their count changes every step)
-    is dynamic; every other shape (the queue's) is static, which keeps the hot loop free of index arithmetic
-    (8.4 vs 1.0 ms per layer with every shape dynamic).
+    is dynamic; ``function`` calls :func:`static_shapes` with the same positions so that every other shape (the
+    queue's) stays static, which keeps the hot loop free of index arithmetic (8.4 vs 1.0 ms per layer with every
+    shape dynamic).
     """
     if function not in _compiled:
-        _compiled[function] = torch.compile(function, fullgraph=True)
+        # Each layer shape (experts, queue size, width, top-k) and temperature is one more compiled version: a
+        # process that builds many (a test suite, a notebook) would pass Dynamo's default limit of 8 and lose it.
+        _compiled[function] = torch.compile(function, fullgraph=True, recompile_limit=RECOMPILE_LIMIT)
     return _run_or_fall_back(_compiled[function], dynamic)
 
 
@@ -103,6 +136,13 @@ def _run_or_fall_back(function: Callable, dynamic: tuple[int, ...]) -> Callable:
             return function(*args)
         except Exception as error:  # no C++ compiler, an unsupported platform...: the eager paths still work
             _compile_failed = True
+            if "RecompileLimit" in type(error).__name__:
+                warnings.warn(f"moelora_lit: this process compiled the contrastive loss's CPU kernel for more than "
+                              f"{RECOMPILE_LIMIT} layer shapes or temperatures; from now on it uses PyTorch's fused "
+                              "attention kernel (same values to 1e-5, slower). Raise "
+                              "moelora_lit.kernels.RECOMPILE_LIMIT before the first step to keep compiling.",
+                              RuntimeWarning, stacklevel=2)
+                return None
             warnings.warn(f"moelora_lit: compiling the contrastive loss's CPU kernel failed ({type(error).__name__}: "
                           f"{str(error).strip()[:300]}); using PyTorch's fused attention kernel instead (slower). "
                           "Install a C++ compiler (g++) or set MOELORA_COMPILE_CONTRASTIVE=0 to silence this.",

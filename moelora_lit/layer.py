@@ -10,7 +10,8 @@ from torch import Tensor, nn
 
 from moelora_lit import kernels
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.losses import cv2_balance_loss, expert_contrastive_loss, push_queue, switch_balance_loss, z_loss
+from moelora_lit.losses import (compiled_push_queue, cv2_balance_loss, expert_contrastive_loss, push_queue,
+                                switch_balance_loss, z_loss)
 
 
 def base_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -204,7 +205,7 @@ class MoELoRALinear(nn.Module):
         args = (self.contrastive_queue, self.contrastive_queue_ptr, self.contrastive_queue_count, *entries)
         pushed = None
         if kernels.use_compiled(self.contrastive_queue) and entries[0].shape[0] > 0:
-            pushed = kernels.compiled(push_queue, dynamic=(3, 4, 5))(*args)   # ~15 small ops -> one kernel
+            pushed = kernels.compiled(compiled_push_queue, dynamic=(3, 4, 5))(*args)   # ~15 small ops -> one kernel
         queue, ptr, count = push_queue(*args) if pushed is None else pushed
         self.contrastive_queue.copy_(queue)
         self.contrastive_queue_ptr.copy_(ptr)

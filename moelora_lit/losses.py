@@ -113,6 +113,7 @@ def _loss_and_gradient(moments: Callable, anchors: Tensor, anchor_experts: Tenso
 
 def _bounded_loss_and_gradient(*args):
     """:func:`_loss_and_gradient` with :func:`moelora_lit.kernels.bounded_softmax_moments` (the one compiled)."""
+    kernels.static_shapes(args)
     return _loss_and_gradient(kernels.bounded_softmax_moments, *args)
 
 
@@ -195,7 +196,14 @@ def _expert_loss_and_gradient(moments: Callable, projections: Tensor, chosen: Te
 
 def _bounded_expert_loss_and_gradient(*args):
     """:func:`_expert_loss_and_gradient` with :func:`moelora_lit.kernels.bounded_softmax_moments` (compiled)."""
+    kernels.static_shapes(args)
     return _expert_loss_and_gradient(kernels.bounded_softmax_moments, *args)
+
+
+def compiled_push_queue(*args):
+    """:func:`push_queue` as compiled on CPU: the entries' count is its only dynamic size."""
+    kernels.static_shapes(args, dynamic=(3, 4, 5))
+    return push_queue(*args)
 
 
 @torch.no_grad()
