@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     pd.set_option("display.max_columns", 50)
     print("\ntest accuracy (%), mean [95% t interval] over seeds:")
     print(wide(interval_table(df)).to_string())
-    if "moelora" in set(df["method"]):
+    if "moelora" in set(df["method"]) and df["method"].nunique() > 1:     # nothing to pair with MoELoRA alone
         print("\npaired difference to moelora (points) [95% t interval], paired t-test p:")
         print(wide(paired_table(df)).to_string())
     print(f"\nresults in {args.results}; total wall time {time.perf_counter() - start:.1f} s")
