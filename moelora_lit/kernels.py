@@ -8,9 +8,10 @@ order of preference on CPU in float32 (others: the matmul path):
 
 - :func:`bounded_softmax_moments`, compiled by TorchInductor (:func:`compiled`): one C++ loop per anchor keeps the
   logit, exp, sum and the s weighted sums in registers. 3.3x faster than the next option at s=4 (0.9 vs 3.0 ms
-  for 2176 anchors x 1024 entries, 1 thread); compiled once per process in 1-4 s with dynamic shapes (Inductor
-  caches the C++ on disk). Needs a C++ compiler: set ``MOELORA_COMPILE_CONTRASTIVE=0`` to skip it; a failed
-  compile warns once and falls back.
+  for 2176 anchors x 1024 entries, 1 thread). The whole layer term (normalise, gather, loss, closed-form gradient)
+  and the queue push are compiled, once per process and layer shape, in 2-5 s (Inductor caches the C++ on disk);
+  only the anchor count is a dynamic size. Needs a C++ compiler: set ``MOELORA_COMPILE_CONTRASTIVE=0`` to skip it;
+  a failed compile warns once and falls back, and a forked child (``ddp_fork``) falls back silently.
 - PyTorch's fused CPU attention kernel with the anchors as queries (private op; online softmax, no (A, C) buffer).
 - matmul + softmax + matmul.
 """
