@@ -14,11 +14,18 @@ Plain functions (import them with ``from conftest import tiny_llama``) and thin 
 
 from __future__ import annotations
 
-import pytest
-import torch
-from torch import nn
+import os
 
-from moelora_lit import MoELoRAConfig, moelora_layers
+# The compiled CPU contrastive kernel (moelora_lit/kernels.py) costs a compile per layer shape and process: 2-5 s
+# each, which took the suite from about 2.5 to 8 minutes on a cold Inductor cache. Tests (and the subprocesses they
+# start) use the attention kernel unless marked ``compiled_kernel``; the kernel's own tests pick paths explicitly.
+os.environ.setdefault("MOELORA_COMPILE_CONTRASTIVE", "0")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from moelora_lit import MoELoRAConfig, kernels, moelora_layers  # noqa: E402
 
 # Tiny matrices: one intra-op thread is ~10x faster than two on a shared 2-core machine (no thread contention).
 torch.set_num_threads(1)
@@ -107,3 +114,11 @@ def llama() -> nn.Module:
 def batch() -> dict[str, torch.Tensor]:
     """A (2, 8) token batch with two padded positions in the second row."""
     return token_batch(pad=2)
+
+
+@pytest.fixture(autouse=True)
+def _compiled_kernel_when_marked(request, monkeypatch):
+    """Tests marked ``compiled_kernel`` run the compiled CPU contrastive kernel, as users get by default."""
+    if request.node.get_closest_marker("compiled_kernel") is not None:
+        monkeypatch.setattr(kernels, "COMPILE_ON_CPU", True)
+        monkeypatch.setattr(kernels, "_compile_failed", False)

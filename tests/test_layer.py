@@ -267,6 +267,7 @@ def test_forward_and_backward_with_contrastive_loss_never_sync_with_host(router,
     assert not SYNC_OPS & set(counts), sorted(SYNC_OPS & set(counts))
 
 
+@pytest.mark.compiled_kernel
 @pytest.mark.parametrize("router", ["topk", "dense"])
 def test_cpu_compaction_of_padding_gives_the_same_loss_gradient_and_queue(router, monkeypatch):
     results = []

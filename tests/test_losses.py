@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
 import warnings
 from collections import deque
 
@@ -144,6 +147,16 @@ def test_compiled_kernel_is_used_and_agrees_with_the_attention_kernel(dim, monke
         results[compiled] = (loss.detach(), ours.grad)
     assert len(calls) == 1 and not kernels._compile_failed              # only the compiled run went through it
     torch.testing.assert_close(results[True], results[False], atol=1e-5, rtol=1e-5)
+
+
+def test_the_compiled_kernel_is_on_by_default_and_off_with_the_environment_variable():
+    code = "from moelora_lit import kernels; print(kernels.COMPILE_ON_CPU)"
+    for value, expected in ((None, "True"), ("0", "False"), ("1", "True")):
+        env = {k: v for k, v in os.environ.items() if k != "MOELORA_COMPILE_CONTRASTIVE"}
+        if value is not None:
+            env["MOELORA_COMPILE_CONTRASTIVE"] = value
+        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+        assert out.stdout.strip() == expected, (value, out.stderr[-2000:])
 
 
 def test_a_failed_compile_warns_once_and_falls_back_to_the_attention_kernel(monkeypatch):

@@ -229,6 +229,7 @@ def test_sigint_mid_fit_saves_a_checkpoint_that_resumes_exactly(straight, base, 
         assert losses[tag] == {s: straight[tag][s] for s in range(3, 6)}, tag
 
 
+@pytest.mark.compiled_kernel  # exact resume with the kernel users get on CPU
 def test_every_fit_leaves_a_last_checkpoint_that_resumes_exactly(base, tmp_path, capsys):
     """A fit that stops (max_steps=3) before its first validation (end of epoch, step 4) still writes
     ``checkpoints/last.ckpt``; resuming it to 6 steps gives a straight 6-step run's losses bit for bit."""
