@@ -10,8 +10,14 @@ from torch import Tensor, nn
 
 from moelora_lit import kernels
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.losses import (compiled_push_queue, cv2_balance_loss, expert_contrastive_loss, push_queue,
-                                switch_balance_loss, z_loss)
+from moelora_lit.losses import (
+    compiled_push_queue,
+    cv2_balance_loss,
+    expert_contrastive_loss,
+    push_queue,
+    switch_balance_loss,
+    z_loss,
+)
 
 
 def base_features(base_layer: nn.Module) -> tuple[int, int]:

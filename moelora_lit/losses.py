@@ -8,8 +8,8 @@ cost 15 ms per call on a busy 2-core machine (index_select: 10 us).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
-from typing import Callable
 
 import torch
 from torch import Tensor
@@ -62,19 +62,9 @@ class _ContrastiveLoss(torch.autograd.Function):
     def forward(ctx, anchors, anchor_experts, anchor_weight, queue, queue_count, temperature):
         need_grad = ctx.needs_input_grad[0]
         with torch.autocast(device_type=anchors.device.type, enabled=False):
-            result = None
-            if kernels.use_compiled(anchors) and anchors.shape[0] > 0:
-                # Everything below compiled into a few loops: at 28 layers the eager version's small ops cost as
-                # much as the softmax itself.
-                result = kernels.compiled(_bounded_loss_and_gradient)(
-                    anchors, anchor_experts, anchor_weight, queue, queue_count, temperature)
-                if result is not None and float(result[2]) > kernels.MAX_SHIFT:   # host sync, free on CPU
-                    result = None
-            if result is None:
-                moments = partial(kernels.softmax_moments, need_expectation=need_grad)
-                result = _loss_and_gradient(moments, anchors, anchor_experts, anchor_weight, queue, queue_count,
-                                            temperature)
-            loss, grad, _ = result
+            eager = partial(_loss_and_gradient, partial(kernels.softmax_moments, need_expectation=need_grad))
+            loss, grad, _ = _compiled_or_eager(_bounded_loss_and_gradient, eager, anchors, anchor_experts,
+                                               anchor_weight, queue, queue_count, temperature)
             if need_grad:
                 ctx.save_for_backward(grad.to(anchors.dtype))
         return loss
@@ -84,6 +74,18 @@ class _ContrastiveLoss(torch.autograd.Function):
     def backward(ctx, grad_loss):
         (grad,) = ctx.saved_tensors
         return grad * grad_loss.to(grad.dtype), None, None, None, None, None
+
+
+def _compiled_or_eager(bounded: Callable, eager: Callable, *args) -> tuple:
+    """``bounded(*args)`` compiled, on CPU in float32 and where its shift bound (its last result) stays in range;
+    else ``eager(*args)``. Compiled, the loss's small ops become a few fused loops: at 28 layers the eager version's
+    small ops cost as much as the softmax itself."""
+    first = args[0]
+    if kernels.use_compiled(first) and first.shape[0] > 0:
+        result = kernels.compiled(bounded)(*args)
+        if result is not None and float(result[-1]) <= kernels.MAX_SHIFT:    # host sync, free on CPU
+            return result
+    return eager(*args)
 
 
 def _loss_and_gradient(moments: Callable, anchors: Tensor, anchor_experts: Tensor, anchor_weight: Tensor,
@@ -152,15 +154,9 @@ class _ExpertContrastiveLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, projections, chosen, keep, queue, queue_count, temperature, scored):
         with torch.autocast(device_type=projections.device.type, enabled=False):
-            args = (projections, chosen, keep, queue, queue_count, temperature, scored)
-            result = None
-            if kernels.use_compiled(projections) and projections.shape[0] > 0:
-                result = kernels.compiled(_bounded_expert_loss_and_gradient)(*args)
-                if result is not None and float(result[3]) > kernels.MAX_SHIFT:   # host sync, free on CPU
-                    result = None
-            if result is None:
-                result = _expert_loss_and_gradient(kernels.softmax_moments, *args)
-            loss, grad, anchors, _ = result
+            loss, grad, anchors, _ = _compiled_or_eager(
+                _bounded_expert_loss_and_gradient, partial(_expert_loss_and_gradient, kernels.softmax_moments),
+                projections, chosen, keep, queue, queue_count, temperature, scored)
         ctx.save_for_backward(grad.to(projections.dtype))
         ctx.mark_non_differentiable(anchors)
         return loss, anchors
