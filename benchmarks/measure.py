@@ -21,7 +21,7 @@ except ImportError:
 
 from presets import Sizes  # noqa: E402
 
-from moelora_lit import MoELoRAConfig, collect_aux_losses, inject_moelora, set_token_mask  # noqa: E402
+from moelora_lit import MoELoRAConfig, collect_aux_losses, inject_moelora, push_queues, set_token_mask  # noqa: E402
 
 MB = 1024 * 1024
 
@@ -150,7 +150,8 @@ def make_batch(s: Sizes, device: torch.device) -> dict[str, torch.Tensor]:
 
 # --------------------------------------------------------------------------------------------- steps
 def train_step(v: Variant, batch: dict[str, torch.Tensor], amp: torch.dtype | None) -> torch.Tensor:
-    """forward + loss (+ MoELoRA's auxiliary terms) + backward + AdamW step + zero_grad; returns the loss."""
+    """forward + loss (+ MoELoRA's auxiliary terms) + backward (+ the queue push, as ``MoELoRAModule`` does after
+    backward) + AdamW step + zero_grad; returns the loss."""
     device = batch["input_ids"].device
     with torch.autocast(device_type=device.type, dtype=amp or torch.bfloat16, enabled=amp is not None):
         if v.moelora:
@@ -161,6 +162,8 @@ def train_step(v: Variant, batch: dict[str, torch.Tensor], amp: torch.dtype | No
         if v.moelora:
             loss = loss + sum(collect_aux_losses(v.model).values())
     loss.backward()
+    if v.moelora:
+        push_queues(v.model)
     if v.optimizer is not None:
         v.optimizer.step()
         v.optimizer.zero_grad(set_to_none=True)

@@ -144,28 +144,50 @@ def expert_contrastive_loss(
     Returns:
         ``(loss, anchors)``: the scalar loss and the (T*K, s) detached anchors, to push into the queues.
     """
-    loss, anchors = _ExpertContrastiveLoss.apply(projections, chosen, keep, queue, queue_count, temperature, scored)
-    return loss, anchors
+    return expert_contrastive_losses([(projections, chosen, keep, queue, queue_count, temperature, scored)])[0]
 
 
-class _ExpertContrastiveLoss(torch.autograd.Function):
-    """:func:`expert_contrastive_loss`; backward scales the gradient kept from the forward pass."""
+def expert_contrastive_losses(terms: list[tuple]) -> list[tuple[Tensor, Tensor]]:
+    """:func:`expert_contrastive_loss` of several layers (each a tuple of its arguments) as one autograd node.
+
+    The layers' kernels run back to back, with one node's overhead for all of them (28 layers per step at the
+    quickstart's shape, where a node per layer cost more than the kernels' own work).
+    """
+    flat = [value for term in terms for value in term]
+    out = _ExpertContrastiveLosses.apply(len(terms), *flat)
+    return [(out[i], out[len(terms) + i]) for i in range(len(terms))]
+
+
+_ARGS = 7  # arguments of one term of expert_contrastive_losses
+
+
+class _ExpertContrastiveLosses(torch.autograd.Function):
+    """:func:`expert_contrastive_losses`; backward scales the gradients kept from the forward pass."""
 
     @staticmethod
-    def forward(ctx, projections, chosen, keep, queue, queue_count, temperature, scored):
-        with torch.autocast(device_type=projections.device.type, enabled=False):
-            loss, grad, anchors, _ = _compiled_or_eager(
-                _bounded_expert_loss_and_gradient, partial(_expert_loss_and_gradient, kernels.softmax_moments),
-                projections, chosen, keep, queue, queue_count, temperature, scored)
-        ctx.save_for_backward(grad.to(projections.dtype))
-        ctx.mark_non_differentiable(anchors)
-        return loss, anchors
+    def forward(ctx, count, *flat):
+        losses, anchors, grads = [], [], []
+        for i in range(count):
+            projections = flat[i * _ARGS]
+            with torch.autocast(device_type=projections.device.type, enabled=False):
+                loss, grad, anchor, _ = _compiled_or_eager(
+                    _bounded_expert_loss_and_gradient, partial(_expert_loss_and_gradient, kernels.softmax_moments),
+                    *flat[i * _ARGS:(i + 1) * _ARGS])
+            losses.append(loss)
+            anchors.append(anchor)
+            grads.append(grad.to(projections.dtype))
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(*anchors)
+        return (*losses, *anchors)
 
     @staticmethod
     @once_differentiable
-    def backward(ctx, grad_loss, grad_anchors):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None, None
+    def backward(ctx, *grad_outputs):
+        grads = ctx.saved_tensors
+        out: list[Tensor | None] = [None]
+        for grad, grad_loss in zip(grads, grad_outputs[:len(grads)], strict=True):
+            out += [grad * grad_loss.to(grad.dtype)] + [None] * (_ARGS - 1)
+        return tuple(out)
 
 
 def _expert_loss_and_gradient(moments: Callable, projections: Tensor, chosen: Tensor, keep: Tensor, queue: Tensor,
@@ -218,22 +240,28 @@ def push_queue(
     Args:
         queue: (N, Q, s) ring buffers; queue_ptr: (N,) next write slot; queue_count: (N,) filled slots.
         entries: (A, s) detached representations; entry_experts: (A,) long; entry_weight: (A,) 0 = skip.
+
+    Several layers' queues are pushed at once with a leading layer dimension: queue (L, N, Q, s), queue_ptr and
+    queue_count (L, N), and the entries layer after layer, A per layer: (L * A, s), (L * A,), (L * A,).
     """
-    num_experts, queue_size, dim = queue.shape
-    valid = entry_weight > 0                                                              # (A,)
+    *_, num_experts, queue_size, dim = queue.shape
+    layers = queue.numel() // (num_experts * queue_size * dim)
+    experts = entry_experts.reshape(layers, -1)                                           # (L, A)
+    valid = entry_weight.reshape(layers, -1) > 0                                          # (L, A)
     # Not F.one_hot: on CPU it checks the class range with .item(), a host sync.
-    experts = torch.arange(num_experts, device=entry_experts.device)
-    one_hot = (entry_experts[:, None] == experts).long() * valid[:, None]                 # (A, N)
-    rank = (one_hot.cumsum(0) * one_hot).sum(-1) - 1                                      # (A,)
-    new_count = one_hot.sum(0)                                                            # (N,)
-    keep = valid & (rank >= new_count.index_select(0, entry_experts) - queue_size)       # newest Q only
-    slot = (queue_ptr.index_select(0, entry_experts) + rank) % queue_size
-    dump = num_experts * queue_size                                                       # scratch row
-    index = torch.where(keep, entry_experts * queue_size + slot, torch.full_like(slot, dump))
+    one_hot = (experts[..., None] == torch.arange(num_experts, device=experts.device)).long() * valid[..., None]
+    rank = (one_hot.cumsum(1) * one_hot).sum(-1) - 1                                      # (L, A)
+    new_count = one_hot.sum(1)                                                            # (L, N)
+    ptr, count = queue_ptr.reshape(layers, num_experts), queue_count.reshape(layers, num_experts)
+    keep = valid & (rank >= new_count.gather(1, experts) - queue_size)                   # newest Q only
+    slot = (ptr.gather(1, experts) + rank) % queue_size
+    dump = layers * num_experts * queue_size                                              # scratch row
+    first = torch.arange(layers, device=experts.device)[:, None] * num_experts           # layer offsets
+    index = torch.where(keep, (first + experts) * queue_size + slot, torch.full_like(slot, dump))
     flat = torch.cat([queue.reshape(dump, dim), queue.new_zeros(1, dim)])
-    flat.index_copy_(0, index, entries.to(queue.dtype))
-    return (flat[:dump].view_as(queue), (queue_ptr + new_count) % queue_size,
-            (queue_count + new_count).clamp(max=queue_size))
+    flat.index_copy_(0, index.reshape(-1), entries.reshape(-1, dim).to(queue.dtype))
+    return (flat[:dump].view_as(queue), ((ptr + new_count) % queue_size).view_as(queue_ptr),
+            (count + new_count).clamp(max=queue_size).view_as(queue_count))
 
 
 def cv2_balance_loss(gates: Tensor, token_weight: Tensor) -> Tensor:
