@@ -109,11 +109,15 @@ class MoELoRALinear(nn.Module):
             size matches the tokens of the input (ignored otherwise, e.g. in cached decoding steps).
         aux_losses: unweighted auxiliary terms of the latest training forward (empty otherwise).
         eval_seed: seed of the ``random`` router in eval mode (set per layer by ``inject_moelora``).
+        contrastive_group: the :class:`ContrastiveGroup` this layer's contrastive term waits in (shared by a model's
+            layers after ``inject_moelora``; a layer of its own otherwise).
 
-    Queue updates (DESIGN 1.3) are deferred: a training forward scores its anchors against the queue and
-    keeps them as :attr:`pending`; :meth:`push_pending` writes them (the Lightning module calls it after each
-    backward, gathering all ranks' anchors under DDP; otherwise the next training forward does). A forward
-    that gradient checkpointing recomputes inside backward therefore sees the same queue and pushes nothing.
+    The contrastive term is computed when :attr:`aux_losses` (or :attr:`pending`) is first read after a training
+    forward, for every waiting layer of the group at once. Queue updates (DESIGN 1.3) are deferred too: the
+    forward's anchors, scored against the queue, are kept as :attr:`pending`; :meth:`push_pending` writes them (the
+    Lightning module pushes every layer after each backward, gathering all ranks' anchors under DDP; otherwise the
+    next training forward does). A forward that gradient checkpointing recomputes inside backward therefore sees
+    the same queue, and records and pushes nothing (its terms were already used).
 
     The ``random`` router draws fresh gates from the global RNG in training; in eval mode it re-seeds a
     generator with :attr:`eval_seed` at every forward, so the same input gives the same gates and outputs.
@@ -300,7 +304,8 @@ def _push_into(layers: list[MoELoRALinear], entries: list[tuple[Tensor, Tensor, 
     if len(layers) == 1:
         args = (*(buffers[0] for buffers in state), *entries[0])
     else:
-        args = (*(torch.stack(buffers) for buffers in state), *(torch.cat(parts) for parts in zip(*entries)))
+        parts = zip(*entries, strict=True)                              # anchors, experts, weights
+        args = (*(torch.stack(buffers) for buffers in state), *(torch.cat(part) for part in parts))
     pushed = None
     if kernels.use_compiled(args[0]) and args[3].shape[0] > 0:
         pushed = kernels.compiled(compiled_push_queue, dynamic=(3, 4, 5))(*args)   # ~15 small ops -> one kernel

@@ -348,3 +348,41 @@ def test_masked_tokens_are_ignored_by_every_balance_loss():
         (z_loss(garbage_logits, weight), z_loss(logits[real], torch.ones(4))),
     ]:
         assert full.item() == pytest.approx(subset.item(), rel=1e-6)
+
+
+def test_push_queue_with_a_layer_dimension_equals_pushing_each_layer():
+    generator = torch.Generator().manual_seed(3)
+    layers, num_experts, size, dim, anchors = 3, 4, 5, 2, 9
+    queue = torch.randn(layers, num_experts, size, dim, generator=generator)
+    ptr = torch.randint(size, (layers, num_experts), generator=generator)
+    count = torch.randint(size + 1, (layers, num_experts), generator=generator)
+    entries = torch.randn(layers * anchors, dim, generator=generator)
+    experts = torch.randint(num_experts, (layers * anchors,), generator=generator)
+    weights = (torch.rand(layers * anchors, generator=generator) > 0.3).float()
+    together = push_queue(queue, ptr, count, entries, experts, weights)
+    for layer in range(layers):
+        part = slice(layer * anchors, (layer + 1) * anchors)
+        alone = push_queue(queue[layer], ptr[layer], count[layer], entries[part], experts[part], weights[part])
+        for got, expected in zip(together, alone, strict=True):
+            assert torch.equal(got[layer], expected)
+
+
+def test_several_layers_losses_are_one_node_with_each_layers_value_and_gradient(cpu_path):
+    generator = torch.Generator().manual_seed(8)
+    terms, raws = [], []
+    for tokens in (5, 9):                                               # layers may differ in shape
+        queue = torch.nn.functional.normalize(torch.randn(3, 4, 2, generator=generator), dim=-1)
+        raw = torch.randn(tokens, 3, 2, generator=generator)
+        chosen = torch.stack([torch.randperm(3, generator=generator)[:2] for _ in range(tokens)])
+        raws.append(raw)
+        terms.append((raw.clone().requires_grad_(), chosen, torch.ones(tokens, 2), queue, torch.tensor([4, 1, 3]),
+                      0.3, None))
+    results = losses.expert_contrastive_losses(terms)
+    assert results[0][0].grad_fn is results[1][0].grad_fn                # one autograd node for both layers
+    (2.0 * results[0][0] - results[1][0]).backward()
+    for (projections, *rest), (loss, anchors), raw, scale in zip(terms, results, raws, (2.0, -1.0), strict=True):
+        alone = raw.clone().requires_grad_()
+        expected, expected_anchors = losses.expert_contrastive_loss(alone, *rest)
+        (scale * expected).backward()
+        assert torch.equal(loss.detach(), expected.detach()) and torch.equal(anchors, expected_anchors)
+        torch.testing.assert_close(projections.grad, alone.grad, atol=0, rtol=0)
