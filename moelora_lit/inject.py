@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.layer import ContrastiveGroup, MoELoRALinear, base_features, push_pending_together
+from moelora_lit.grouped import AuxGroup, push_pending_together
+from moelora_lit.layer import MoELoRALinear, base_features
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
@@ -72,13 +73,13 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> list[str]:
         )
     for param in model.parameters():
         param.requires_grad_(False)
-    group = ContrastiveGroup()  # the layers' contrastive terms are computed together, once per step
+    group = AuxGroup()  # the layers' auxiliary terms are computed together, once per step
     for name, module in targets:
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
         layer = MoELoRALinear(module, config).train(module.training)
         layer.eval_seed = zlib.crc32(name.encode())  # the random router's eval gates: fixed per layer
-        layer.contrastive_group = group
+        layer.aux_group = group
         setattr(parent, child, layer)
     model.moelora_config = config
     return [name for name, _ in targets]

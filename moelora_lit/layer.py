@@ -8,16 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelora_lit import kernels
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.losses import (
-    compiled_push_queue,
-    cv2_balance_loss,
-    expert_contrastive_losses,
-    push_queue,
-    switch_balance_loss,
-    z_loss,
-)
+from moelora_lit.grouped import AuxGroup, push_into
 
 
 def base_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -68,33 +60,6 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
-class ContrastiveGroup:
-    """Layers whose contrastive terms wait to be computed together (``inject_moelora`` gives a model's layers one).
-
-    A training forward records its layer's inputs here; the first read of any waiting layer's
-    :attr:`MoELoRALinear.aux_losses` (or a push) computes every waiting layer's term, back to back, as one autograd
-    node (:func:`moelora_lit.losses.expert_contrastive_losses`). Deferring changes no value: the queues do not
-    change between a forward and its flush, because every push flushes first.
-    """
-
-    def __init__(self) -> None:
-        self.waiting: list[MoELoRALinear] = []
-
-    def flush(self) -> None:
-        layers, self.waiting = self.waiting, []
-        if not layers:
-            return
-        inputs = [layer._contrastive_inputs for layer in layers]
-        for layer in layers:
-            layer._contrastive_inputs = None
-        results = expert_contrastive_losses([(a, chosen, keep, layer.contrastive_queue, layer.contrastive_queue_count,
-                                              layer.config.contrastive_temperature, scored)
-                                             for layer, (a, chosen, keep, scored) in zip(layers, inputs, strict=True)])
-        for layer, (_, chosen, keep, _), (loss, anchors) in zip(layers, inputs, results, strict=True):
-            layer._aux_losses["contrastive"] = loss
-            layer._pending = (anchors, chosen.reshape(-1), keep.reshape(-1))
-
-
 class MoELoRALinear(nn.Module):
     """A frozen linear layer plus a mixture of LoRA experts (DESIGN 1.1).
 
@@ -109,10 +74,10 @@ class MoELoRALinear(nn.Module):
             size matches the tokens of the input (ignored otherwise, e.g. in cached decoding steps).
         aux_losses: unweighted auxiliary terms of the latest training forward (empty otherwise).
         eval_seed: seed of the ``random`` router in eval mode (set per layer by ``inject_moelora``).
-        contrastive_group: the :class:`ContrastiveGroup` this layer's contrastive term waits in (shared by a model's
-            layers after ``inject_moelora``; a layer of its own otherwise).
+        aux_group: the :class:`moelora_lit.grouped.AuxGroup` this layer's auxiliary terms wait in (shared by a
+            model's layers after ``inject_moelora``; a group of its own otherwise).
 
-    The contrastive term is computed when :attr:`aux_losses` (or :attr:`pending`) is first read after a training
+    The auxiliary terms are computed when :attr:`aux_losses` (or :attr:`pending`) is first read after a training
     forward, for every waiting layer of the group at once. Queue updates (DESIGN 1.3) are deferred too: the
     forward's anchors, scored against the queue, are kept as :attr:`pending`; :meth:`push_pending` writes them (the
     Lightning module pushes every layer after each backward, gathering all ranks' anchors under DDP; otherwise the
@@ -149,8 +114,8 @@ class MoELoRALinear(nn.Module):
         self.last_gates: Tensor | None = None
         self.last_token_mask: Tensor | None = None
         self._aux_losses: dict[str, Tensor] = {}
-        self._contrastive_inputs: tuple | None = None  # (projections, chosen, keep, scored) awaiting the group
-        self.contrastive_group = ContrastiveGroup()
+        self._deferred: tuple | None = None  # this forward's inputs of its terms, awaiting the group's flush
+        self.aux_group = AuxGroup()
         self._pending: tuple[Tensor, Tensor, Tensor] | None = None  # (anchors (A, s), experts (A,), weights (A,))
         self.eval_seed = 0
 
@@ -164,21 +129,21 @@ class MoELoRALinear(nn.Module):
     @property
     def aux_losses(self) -> dict[str, Tensor]:
         """Unweighted auxiliary terms of the latest training forward (computing deferred contrastive terms)."""
-        if self._contrastive_inputs is not None:
-            self.contrastive_group.flush()
+        if self._deferred is not None:
+            self.aux_group.flush()
         return self._aux_losses
 
     @property
     def pending(self) -> tuple[Tensor, Tensor, Tensor] | None:
         """``(anchors (A, s), experts (A,), weights (A,))`` of the latest training forward, not yet pushed."""
-        if self._contrastive_inputs is not None:
-            self.contrastive_group.flush()
+        if self._deferred is not None:
+            self.aux_group.flush()
         return self._pending
 
     @pending.setter
     def pending(self, entries: tuple[Tensor, Tensor, Tensor] | None) -> None:
-        if self._contrastive_inputs is not None:
-            self.contrastive_group.flush()
+        if self._deferred is not None:
+            self.aux_group.flush()
         self._pending = entries
 
     def _aux_enabled(self) -> bool:
@@ -215,14 +180,14 @@ class MoELoRALinear(nn.Module):
         if self._aux_enabled():
             self._aux(a, gates, chosen, logits, mask)
         else:
-            if self._contrastive_inputs is not None:  # an earlier training forward's term: compute its anchors
-                self.contrastive_group.flush()
+            if self._deferred is not None:  # an earlier training forward's terms: compute its anchors
+                self.aux_group.flush()
             self._aux_losses = {}
         return result
 
     def _aux(self, a: Tensor, gates: Tensor, chosen: Tensor, logits: Tensor | None, mask: Tensor | None) -> None:
-        """Auxiliary terms of DESIGN 1.3-1.4 for this forward, into :attr:`aux_losses`; the contrastive term is
-        deferred to this layer's :class:`ContrastiveGroup`, which also keeps its anchors as :attr:`pending`."""
+        """Records this forward's inputs of the auxiliary terms of DESIGN 1.3-1.4 in :attr:`aux_group`, which computes
+        them into :attr:`aux_losses` (and the anchors into :attr:`pending`) when they are first read."""
         c = self.config
         # Gradient checkpointing re-running this forward inside backward: the same ops (their saved tensors must
         # match the first run's), but the terms were already used, so nothing is recorded or pushed.
@@ -231,8 +196,7 @@ class MoELoRALinear(nn.Module):
             self.push_pending()   # the previous step's anchors, if nobody pushed them after its backward
         tokens = gates.shape[0]
         weight = gates.new_ones(tokens) if mask is None else mask.to(gates.dtype)     # (T,)
-        out: dict[str, Tensor] = {}
-        deferred = None
+        contrastive = None
         if c.contrastive_weight > 0:
             k, cl_a, cl_chosen, cl_gates, cl_weight = chosen.shape[1], a, chosen, gates, weight
             if mask is not None and a.is_cpu and COMPACT_ANCHORS_ON_CPU:
@@ -247,19 +211,16 @@ class MoELoRALinear(nn.Module):
                 # Real anchors first (weight 1 + u beats 0 + u), uniformly among them; fixed shape, no sync.
                 scored = (torch.rand(n_tok * k, device=keep.device) + keep.reshape(-1)).topk(
                     c.contrastive_max_anchors).indices
-            deferred = (cl_a.view(n_tok, c.num_experts, -1).float(), cl_chosen, keep.detach().to(torch.float32),
-                        scored)
-        if logits is not None and c.balance_weight > 0:
-            out["balance"] = (cv2_balance_loss(gates, weight) if c.balance_loss == "cv2"
-                              else switch_balance_loss(gates, logits, weight))
-        if logits is not None and c.z_loss_weight > 0:
-            out["z"] = z_loss(logits, weight)
+            contrastive = (cl_a.view(n_tok, c.num_experts, -1).float(), cl_chosen, keep.detach().to(torch.float32),
+                           scored)
+        routing = None
+        if logits is not None and (c.balance_weight > 0 or c.z_loss_weight > 0):
+            routing = (gates, logits, weight)
         if recomputed:
             return
-        self._aux_losses = out
-        if deferred is not None:
-            self._contrastive_inputs = deferred
-            self.contrastive_group.waiting.append(self)
+        self._aux_losses = {}
+        if contrastive is not None or routing is not None:
+            self.aux_group.record(self, contrastive, routing)
 
     @torch.no_grad()
     def push_pending(self, entries: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
@@ -270,45 +231,9 @@ class MoELoRALinear(nn.Module):
         entries = self.pending if entries is None else entries
         self.pending = None
         if entries is not None:
-            _push_into([self], [entries])
+            push_into([self], [entries])
 
     def extra_repr(self) -> str:
         c = self.config
         return (f"in={self.in_features}, out={self.out_features}, r={c.r}, experts={c.num_experts}, "
                 f"top_k={c.top_k}, router={c.router}, scaling={self.scaling:g}")
-
-
-@torch.no_grad()
-def push_pending_together(layers: list[MoELoRALinear]) -> None:
-    """:meth:`MoELoRALinear.push_pending` of every layer, with one push for all layers of the same shapes.
-
-    The same values as pushing layer by layer (the layers are a leading dimension of :func:`push_queue`), for one
-    kernel call per step instead of one per layer.
-    """
-    groups: dict[tuple, list[MoELoRALinear]] = {}
-    for layer in layers:
-        if layer.pending is not None:
-            queue = layer.contrastive_queue
-            key = (queue.shape, queue.dtype, queue.device, layer.pending[0].shape, layer.pending[0].dtype)
-            groups.setdefault(key, []).append(layer)
-    for group in groups.values():
-        entries = [layer.pending for layer in group]
-        for layer in group:
-            layer.pending = None
-        _push_into(group, entries)
-
-
-def _push_into(layers: list[MoELoRALinear], entries: list[tuple[Tensor, Tensor, Tensor]]) -> None:
-    """Push ``entries[i]`` into ``layers[i]``'s queue (same queue shapes and entry counts), in place."""
-    state = [[getattr(layer, f"contrastive_queue{part}") for layer in layers] for part in ("", "_ptr", "_count")]
-    if len(layers) == 1:
-        args = (*(buffers[0] for buffers in state), *entries[0])
-    else:
-        parts = zip(*entries, strict=True)                              # anchors, experts, weights
-        args = (*(torch.stack(buffers) for buffers in state), *(torch.cat(part) for part in parts))
-    pushed = None
-    if kernels.use_compiled(args[0]) and args[3].shape[0] > 0:
-        pushed = kernels.compiled(compiled_push_queue, dynamic=(3, 4, 5))(*args)   # ~15 small ops -> one kernel
-    pushed = push_queue(*args) if pushed is None else pushed
-    for buffers, new in zip(state, pushed, strict=True):
-        torch._foreach_copy_(buffers, list(new.unbind(0)) if len(layers) > 1 else [new])

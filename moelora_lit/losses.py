@@ -268,14 +268,16 @@ def cv2_balance_loss(gates: Tensor, token_weight: Tensor) -> Tensor:
     """Squared coefficient of variation of expert importance (author code, DESIGN 1.4).
 
     ``importance_i = sum_t g[t, i]``; ``L = Var(importance) / (Mean(importance)^2 + 1e-10)`` with
-    the unbiased variance. Returns 0 for a single expert.
+    the unbiased variance. Returns 0 for a single expert. Leading dimensions (layers) give one value each:
+    gates (..., T, N), token_weight (..., T).
     """
     if gates.shape[-1] < 2:
-        return gates.new_zeros(())
-    importance = (gates * token_weight[:, None]).sum(0)                                   # (N,)
+        return gates.new_zeros(gates.shape[:-2])
+    importance = (gates * token_weight[..., None]).sum(-2)                                # (..., N)
     importance = importance.float()
-    mean = importance.mean()
-    var = (importance - mean).square().sum() / (importance.numel() - 1)  # unbiased; Tensor.var() .item()s on CPU
+    mean = importance.mean(-1)
+    # unbiased; Tensor.var() .item()s on CPU
+    var = (importance - mean[..., None]).square().sum(-1) / (importance.shape[-1] - 1)
     return var / (mean**2 + 1e-10)
 
 
@@ -283,17 +285,17 @@ def switch_balance_loss(gates: Tensor, logits: Tensor, token_weight: Tensor) -> 
     """Switch-Transformer balance loss ``N * sum_i f_i * P_i`` (DESIGN 1.4).
 
     ``f_i``: share of routed (token, slot) pairs sent to expert i; ``P_i``: mean full-softmax
-    router probability of expert i over real tokens.
+    router probability of expert i over real tokens. Leading dimensions (layers) give one value each.
     """
     num_experts = gates.shape[-1]
-    routed = (gates > 0).to(token_weight.dtype) * token_weight[:, None]                   # (T, N)
-    f = routed.sum(0) / routed.sum().clamp_min(1.0)
-    probs = torch.softmax(logits.float(), dim=-1) * token_weight[:, None]
-    p = probs.sum(0) / token_weight.sum().clamp_min(1.0)
-    return num_experts * (f * p).sum()
+    routed = (gates > 0).to(token_weight.dtype) * token_weight[..., None]                 # (..., T, N)
+    f = routed.sum(-2) / routed.sum((-2, -1)).clamp_min(1.0)[..., None]
+    probs = torch.softmax(logits.float(), dim=-1) * token_weight[..., None]
+    p = probs.sum(-2) / token_weight.sum(-1).clamp_min(1.0)[..., None]
+    return num_experts * (f * p).sum(-1)
 
 
 def z_loss(logits: Tensor, token_weight: Tensor) -> Tensor:
-    """Router z-loss: mean over real tokens of ``logsumexp(logits)^2``."""
+    """Router z-loss: mean over real tokens of ``logsumexp(logits)^2``; leading dimensions give one value each."""
     lse = torch.logsumexp(logits.float(), dim=-1)
-    return (lse.square() * token_weight).sum() / token_weight.sum().clamp_min(1.0)
+    return (lse.square() * token_weight).sum(-1) / token_weight.sum(-1).clamp_min(1.0)

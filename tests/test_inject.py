@@ -21,7 +21,7 @@ from moelora_lit import (
     save_adapter,
     set_token_mask,
 )
-from moelora_lit.layer import ContrastiveGroup
+from moelora_lit.grouped import AuxGroup
 
 ROUTERS = ["topk", "dense", "noisy", "random"]
 ADAPTER_PARTS = (".lora_A.", ".lora_B.", ".router.", ".router_noise.")
@@ -329,19 +329,19 @@ def test_injection_freezes_every_base_parameter():
 
 
 @pytest.mark.parametrize("compiled", [False, pytest.param(True, marks=pytest.mark.compiled_kernel)])
-def test_layers_contrastive_terms_and_pushes_together_equal_layer_by_layer(compiled):
-    """inject_moelora gives the layers one ContrastiveGroup (their terms wait for the first read, then run as one
-    node) and push_queues pushes them in one batch: the same losses, gradients and queues, bit for bit, as layers
-    that each compute and push alone."""
-    config = adapter_config(contrastive_weight=0.5, contrastive_queue_size=8, balance_weight=0.0)
+def test_layers_terms_and_pushes_together_equal_layer_by_layer(compiled):
+    """inject_moelora gives the layers one AuxGroup (their terms wait for the first read, then are computed together)
+    and push_queues pushes them in one batch: the same contrastive terms and queues, bit for bit, and the same
+    balance and z terms and gradients to float rounding, as layers that each compute and push alone."""
+    config = adapter_config(contrastive_weight=0.5, contrastive_queue_size=8, balance_weight=0.3, z_loss_weight=0.2)
     together, alone = tiny_llama(), tiny_llama()
     for model in (together, alone):
         inject_moelora(model.train(), config)
         randomize_adapter(model)
     for _, layer in moelora_layers(alone):
-        layer.contrastive_group = ContrastiveGroup()
+        layer.aux_group = AuxGroup()
     layers = [layer for _, layer in moelora_layers(together)]
-    assert len({id(layer.contrastive_group) for layer in layers}) == 1
+    assert len({id(layer.aux_group) for layer in layers}) == 1
     for step in range(3):
         batch = token_batch(seed=step, pad=3)
         results = []
@@ -349,20 +349,25 @@ def test_layers_contrastive_terms_and_pushes_together_equal_layer_by_layer(compi
             set_token_mask(model, batch["attention_mask"])
             out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"])
             if model is together:
-                assert layers[0].contrastive_group.waiting == layers        # nothing computed before the read
+                assert layers[0].aux_group.waiting == layers                 # nothing computed before the read
             aux = collect_aux_losses(model)
-            (out.loss + aux["contrastive"]).backward()
+            (out.loss + sum(aux.values())).backward()
             if model is together:
                 push_queues(model)
             else:
                 for _, layer in moelora_layers(model):
                     layer.push_pending()
-            results.append((aux["contrastive"].detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                                          if p.grad is not None},
+            results.append(({k: v.detach() for k, v in aux.items()},
+                            {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None},
                             adapter_state_dict(model, include_queues=True)))
             model.zero_grad(set_to_none=True)
-        (loss_a, grads_a, state_a), (loss_b, grads_b, state_b) = results
-        assert torch.equal(loss_a, loss_b) and (step == 0 or loss_a > 0)
-        assert grads_a.keys() == grads_b.keys() and all(torch.equal(grads_a[k], grads_b[k]) for k in grads_a)
+        (aux_a, grads_a, state_a), (aux_b, grads_b, state_b) = results
+        assert torch.equal(aux_a["contrastive"], aux_b["contrastive"]) and (step == 0 or aux_a["contrastive"] > 0)
+        for key in ("balance", "z"):
+            assert aux_a[key] > 0
+            torch.testing.assert_close(aux_a[key], aux_b[key], rtol=1e-6, atol=0)
+        assert grads_a.keys() == grads_b.keys()
+        for key in grads_a:
+            torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-5, atol=1e-7)
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert int(layers[0].contrastive_queue_count.sum()) > 0

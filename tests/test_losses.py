@@ -386,3 +386,18 @@ def test_several_layers_losses_are_one_node_with_each_layers_value_and_gradient(
         (scale * expected).backward()
         assert torch.equal(loss.detach(), expected.detach()) and torch.equal(anchors, expected_anchors)
         torch.testing.assert_close(projections.grad, alone.grad, atol=0, rtol=0)
+
+
+def test_balance_and_z_losses_with_a_layer_dimension_equal_each_layers():
+    generator = torch.Generator().manual_seed(4)
+    logits = torch.randn(3, 10, 4, generator=generator)
+    kept, chosen = logits.topk(2, dim=-1)
+    gates = torch.zeros_like(logits).scatter(-1, chosen, kept.softmax(-1))
+    weight = (torch.rand(3, 10, generator=generator) > 0.2).float()
+    together = (cv2_balance_loss(gates, weight), switch_balance_loss(gates, logits, weight), z_loss(logits, weight))
+    for layer in range(3):
+        alone = (cv2_balance_loss(gates[layer], weight[layer]),
+                 switch_balance_loss(gates[layer], logits[layer], weight[layer]), z_loss(logits[layer], weight[layer]))
+        for got, expected in zip(together, alone, strict=True):
+            assert got.shape == (3,) and expected.shape == ()
+            torch.testing.assert_close(got[layer], expected, rtol=1e-6, atol=0)
