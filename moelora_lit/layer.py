@@ -128,7 +128,7 @@ class MoELoRALinear(nn.Module):
 
     @property
     def aux_losses(self) -> dict[str, Tensor]:
-        """Unweighted auxiliary terms of the latest training forward (computing deferred contrastive terms)."""
+        """Unweighted auxiliary terms of the latest training forward (computing the group's deferred terms first)."""
         if self._deferred is not None:
             self.aux_group.flush()
         return self._aux_losses
