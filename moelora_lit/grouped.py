@@ -47,7 +47,15 @@ class AuxGroup:
         self.waiting.append(layer)
 
     def flush(self) -> None:
-        """Compute every waiting layer's terms into its ``aux_losses`` (and its anchors into ``pending``)."""
+        """Compute every waiting layer's terms into its ``aux_losses`` (and its anchors into ``pending``).
+
+        With autograd on whatever the caller's mode: the terms belong to a training forward that recorded them with
+        autograd on, and a first read under ``torch.no_grad()`` (a logging hook) must not strip their gradients.
+        """
+        with torch.enable_grad():
+            self._flush()
+
+    def _flush(self) -> None:
         layers, self.waiting = self.waiting, []
         inputs = [layer._deferred for layer in layers]
         for layer in layers:

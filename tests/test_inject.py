@@ -371,3 +371,22 @@ def test_layers_terms_and_pushes_together_equal_layer_by_layer(compiled):
             torch.testing.assert_close(grads_a[key], grads_b[key], rtol=1e-5, atol=1e-7)
         assert all(torch.equal(state_a[k], state_b[k]) for k in state_a)
     assert int(layers[0].contrastive_queue_count.sum()) > 0
+
+
+def test_terms_first_read_under_no_grad_keep_their_gradient():
+    """The terms are computed at their first read; a read under no_grad (a logging hook) must not detach them."""
+    model = tiny_llama()
+    inject_moelora(model.train(), adapter_config(contrastive_weight=0.5, balance_weight=0.3))
+    randomize_adapter(model)
+    for step in range(2):                                                # the second step has a filled queue
+        batch = token_batch(seed=step, pad=2)
+        set_token_mask(model, batch["attention_mask"])
+        model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        with torch.no_grad():
+            logged = {k: float(v) for k, v in collect_aux_losses(model).items()}
+        aux = collect_aux_losses(model)
+        assert aux["contrastive"].requires_grad and aux["balance"].requires_grad
+        assert float(aux["contrastive"]) == logged["contrastive"]
+        (aux["contrastive"] + aux["balance"]).backward()
+        push_queues(model)
+    assert all(layer.lora_A.weight.grad.abs().sum() > 0 for _, layer in moelora_layers(model))
