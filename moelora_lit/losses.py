@@ -167,15 +167,14 @@ class _ExpertContrastiveLosses(torch.autograd.Function):
     @staticmethod
     def forward(ctx, count, *flat):
         losses, anchors, grads = [], [], []
-        for i in range(count):
-            projections = flat[i * _ARGS]
-            with torch.autocast(device_type=projections.device.type, enabled=False):
-                loss, grad, anchor, _ = _compiled_or_eager(
-                    _bounded_expert_loss_and_gradient, partial(_expert_loss_and_gradient, kernels.softmax_moments),
-                    *flat[i * _ARGS:(i + 1) * _ARGS])
-            losses.append(loss)
-            anchors.append(anchor)
-            grads.append(grad.to(projections.dtype))
+        eager = partial(_expert_loss_and_gradient, kernels.softmax_moments)
+        with torch.autocast(device_type=flat[0].device.type, enabled=False):
+            for i in range(count):
+                term = flat[i * _ARGS:(i + 1) * _ARGS]
+                loss, grad, anchor, _ = _compiled_or_eager(_bounded_expert_loss_and_gradient, eager, *term)
+                losses.append(loss)
+                anchors.append(anchor)
+                grads.append(grad.to(term[0].dtype))
         ctx.save_for_backward(*grads)
         ctx.mark_non_differentiable(*anchors)
         return (*losses, *anchors)
