@@ -5,7 +5,7 @@ non-finite loss in exit code 1, SIGINT / SIGTERM during fit in a checkpoint and 
 ``MOELORA_DEBUG=1`` shows the full traceback instead.
 Two tools run before LightningCLI: ``python -m moelora_lit data prepare --source SRC --out DIR`` (LLM-Adapters'
 data, checksummed; :mod:`moelora_lit.data.prepare`) and ``python -m moelora_lit report RUN_DIR... [--csv FILE]``
-(:mod:`moelora_lit.report`).
+(:mod:`moelora_lit.eval.report`).
 """
 
 from __future__ import annotations
@@ -19,14 +19,9 @@ from typing import Any
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as ProgressBarBase
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from moelora_lit.callbacks import RoutingStatsCallback
 from moelora_lit.data import ReasoningDataModule
 from moelora_lit.data.resumable import resumable_train_dataloader
-from moelora_lit.display import ProgressBar
-from moelora_lit.fault_tolerance import FaultTolerance
-from moelora_lit.gguf import tokenizer_reference
-from moelora_lit.module import MoELoRAModule
-from moelora_lit.reliability import (
+from moelora_lit.lightning.checks import (
     NonFiniteLossError,
     TrainingInterrupted,
     check_checkpoint,
@@ -35,6 +30,11 @@ from moelora_lit.reliability import (
     describe_error,
     is_user_error,
 )
+from moelora_lit.lightning.fault_tolerance import FaultTolerance
+from moelora_lit.lightning.figures import ProgressBar
+from moelora_lit.lightning.module import MoELoRAModule
+from moelora_lit.lightning.routing import RoutingStatsCallback
+from moelora_lit.models.gguf import tokenizer_reference
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # model.* settings that say where and how to run, not what was trained: on --ckpt_path the command line keeps
@@ -135,7 +135,7 @@ def _run_tool(args: list[str]) -> int | None:
 
         return prepare(args[2:])
     if args[:1] == ["report"]:
-        from moelora_lit.report import main as report
+        from moelora_lit.eval.report import main as report
 
         return report(args[1:])
     return None

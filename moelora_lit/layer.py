@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from moelora_lit.aux import AuxGroup, push_into
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.grouped import AuxGroup, push_into
 
 
 def base_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -74,7 +74,7 @@ class MoELoRALinear(nn.Module):
             size matches the tokens of the input (ignored otherwise, e.g. in cached decoding steps).
         aux_losses: unweighted auxiliary terms of the latest training forward (empty otherwise).
         eval_seed: seed of the ``random`` router in eval mode (set per layer by ``inject_moelora``).
-        aux_group: the :class:`moelora_lit.grouped.AuxGroup` this layer's auxiliary terms wait in (shared by a
+        aux_group: the :class:`moelora_lit.aux.AuxGroup` this layer's auxiliary terms wait in (shared by a
             model's layers after ``inject_moelora``; a group of its own otherwise).
 
     The auxiliary terms are computed when :attr:`aux_losses` (or :attr:`pending`) is first read after a training

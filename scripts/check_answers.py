@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moelora_lit.answers import (  # noqa: E402
+from moelora_lit.eval.answers import (  # noqa: E402
     answer_kind,
     canonical_dataset,
     explicit_answer,

@@ -2,7 +2,7 @@
 
     python scripts/smollm2_memory.py --out experiments/results/smollm2_memory.json
 
-Memory is the frozen base's parameters and buffers (:func:`moelora_lit.quant.base_memory_bytes`; adapters
+Memory is the frozen base's parameters and buffers (:func:`moelora_lit.models.quantization.base_memory_bytes`; adapters
 excluded), measured, not estimated. Step time: forward + backward + AdamW on a real-text batch with MoELoRA
 (r=32, 8 experts, top-2) on all seven projections, median of ``--steps`` after one warm-up step.
 """
@@ -18,9 +18,9 @@ import time
 import torch
 
 from moelora_lit import MoELoRAConfig, inject_moelora
-from moelora_lit.gguf import SMOLLM2, resolve_gguf
-from moelora_lit.hub import load_base_model, load_tokenizer
-from moelora_lit.quant import base_memory_bytes
+from moelora_lit.models.gguf import SMOLLM2, resolve_gguf
+from moelora_lit.models.loading import load_base_model, load_tokenizer
+from moelora_lit.models.quantization import base_memory_bytes
 
 SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 TEXT = ("Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide to make "

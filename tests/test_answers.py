@@ -1,4 +1,4 @@
-"""Tests for moelora_lit.answers (answer extraction and scoring) and scripts/check_answers.py."""
+"""Tests for moelora_lit.eval.answers (answer extraction and scoring) and scripts/check_answers.py."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from moelora_lit.answers import (
+from moelora_lit.eval.answers import (
     ANSWER_KINDS,
     answer_kind,
     explicit_answer,

@@ -15,7 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import DataLoader, Dataset
 
 from moelora_lit import inject_moelora, moelora_layers, set_token_mask
-from moelora_lit.callbacks import RoutingAccumulator, RoutingStatsCallback, gate_entropy, load_cv, load_shares
+from moelora_lit.lightning.routing import RoutingAccumulator, RoutingStatsCallback, gate_entropy, load_cv, load_shares
 
 # Two tokens of 3 experts; the second has a zero gate (0 log 0 = 0); a third, padded token must not count.
 GATES = torch.tensor([[0.5, 0.25, 0.25], [0.0, 0.5, 0.5], [1.0, 0.0, 0.0]])

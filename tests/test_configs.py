@@ -133,7 +133,7 @@ def test_reproduction_config_resolves_as_documented(name: str) -> None:
     # linear decay to 0, validation every 200 optimizer steps, the best checkpoint (val loss) tested.
     assert model["optimizer"]["class_path"] == "torch.optim.AdamW"
     assert model["optimizer"]["init_args"]["lr"] == pytest.approx(3e-4)
-    assert model["lr_scheduler"] == {"class_path": "moelora_lit.schedules.WarmupLinearDecay",
+    assert model["lr_scheduler"] == {"class_path": "moelora_lit.lightning.schedules.WarmupLinearDecay",
                                      "init_args": {"warmup_steps": 100, "total_steps": None, "last_epoch": -1}}
     callbacks = {c["class_path"].rsplit(".", 1)[-1]: c.get("init_args", {}) for c in trainer["callbacks"]}
     assert "ScheduleHorizon" in callbacks  # fills in total_steps, so the decay ends at the last step

@@ -11,11 +11,11 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from moelora_lit.answers import normalize_gold
 from moelora_lit.data import DatasetSpec, ReasoningDataModule, build_prompt, convert_rows, detect_format
 from moelora_lit.data.batching import LengthGroupedSampler
 from moelora_lit.data.formats import REGISTRY
 from moelora_lit.data.prompts import ALPACA
+from moelora_lit.eval.answers import normalize_gold
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"
 

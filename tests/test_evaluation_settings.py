@@ -11,7 +11,7 @@ import pytest
 from hf_folder import build_tiny_hf_folder
 
 from moelora_lit.__main__ import main
-from moelora_lit.module import MoELoRAModule
+from moelora_lit.lightning.module import MoELoRAModule
 
 SMOKE = Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml"
 

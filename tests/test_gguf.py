@@ -7,8 +7,15 @@ import sys
 
 import pytest
 
-from moelora_lit.gguf import SMOLLM2, is_gguf_reference, package_file, resolve_gguf, tokenizer_args, tokenizer_reference
-from moelora_lit.quant import QUANTIZATIONS, bnb_config, check_quantization
+from moelora_lit.models.gguf import (
+    SMOLLM2,
+    is_gguf_reference,
+    package_file,
+    resolve_gguf,
+    tokenizer_args,
+    tokenizer_reference,
+)
+from moelora_lit.models.quantization import QUANTIZATIONS, bnb_config, check_quantization
 
 
 def test_gguf_references_are_recognised() -> None:

@@ -21,7 +21,7 @@ from moelora_lit import (
     save_adapter,
     set_token_mask,
 )
-from moelora_lit.grouped import AuxGroup
+from moelora_lit.aux import AuxGroup
 
 ROUTERS = ["topk", "dense", "noisy", "random"]
 ADAPTER_PARTS = (".lora_A.", ".lora_B.", ".router.", ".router_noise.")

@@ -13,7 +13,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from moelora_lit import MoELoRAConfig, collect_aux_losses, load_adapter, moelora_layers
 from moelora_lit.__main__ import main
-from moelora_lit.module import MoELoRAModule
+from moelora_lit.lightning.module import MoELoRAModule
 
 SMOKE = str(Path(__file__).resolve().parents[1] / "experiments" / "smoke.yaml")
 

@@ -3,7 +3,7 @@
 
 ``their_correct`` below is an independent transcription of the scoring loop of LLM-Adapters' ``evaluate.py``
 (math, AQuA) and ``commonsense_evaluate.py`` (AGI-Edgerunners/LLM-Adapters), keyed by their ``--dataset`` folder
-names, written from their source and kept separate from ``moelora_lit.answers`` on purpose.
+names, written from their source and kept separate from ``moelora_lit.eval.answers`` on purpose.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from moelora_lit.answers import PROTOCOLS, extract_answer, is_correct, normalize_gold, reference_answer
+from moelora_lit.eval.answers import PROTOCOLS, extract_answer, is_correct, normalize_gold, reference_answer
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "llm-adapters"
 

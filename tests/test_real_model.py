@@ -15,9 +15,9 @@ import torch
 from moelora_lit import MoELoRAConfig, inject_moelora, load_adapter, moelora_layers, save_adapter
 from moelora_lit.data.batching import Collator, encode_rows
 from moelora_lit.data.prompts import build_prompt
-from moelora_lit.generation import generate_texts
-from moelora_lit.gguf import SMOLLM2, resolve_gguf
-from moelora_lit.hub import load_base_model, load_tokenizer
+from moelora_lit.lightning.generation import generate_texts
+from moelora_lit.models.gguf import SMOLLM2, resolve_gguf
+from moelora_lit.models.loading import load_base_model, load_tokenizer
 
 pytestmark = [
     pytest.mark.real_model,
@@ -142,7 +142,7 @@ def test_adapter_round_trip(smollm2, text_batch, tmp_path) -> None:
 
 def test_nf4_base_trains_adapters_only_and_shares_them_with_float32(smollm2, text_batch, tmp_path) -> None:
     pytest.importorskip("bitsandbytes")
-    from moelora_lit.quant import base_memory_bytes, quantize_loaded
+    from moelora_lit.models.quantization import base_memory_bytes, quantize_loaded
 
     base, _ = smollm2
     nf4 = quantize_loaded(copy.deepcopy(base), "nf4", torch.float32).eval()
@@ -182,7 +182,7 @@ def test_nf4_base_trains_adapters_only_and_shares_them_with_float32(smollm2, tex
 def test_cli_links_a_folder_and_gguf_file_to_the_data_tokenizer(tmp_path) -> None:
     from moelora_lit.__main__ import MoELoRACLI
     from moelora_lit.data import ReasoningDataModule
-    from moelora_lit.module import MoELoRAModule
+    from moelora_lit.lightning.module import MoELoRAModule
 
     folder, name = resolve_gguf(SMOLLM2)
     args = ["--config", "experiments/smollm2_arc_easy.yaml", "--model.base_model", folder, "--model.gguf_file", name,

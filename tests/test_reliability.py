@@ -24,8 +24,8 @@ from hf_folder import build_tiny_hf_folder
 
 from moelora_lit.__main__ import main
 from moelora_lit.data.resumable import ResumableDataLoader
-from moelora_lit.fault_tolerance import FaultTolerance
-from moelora_lit.reliability import describe_error
+from moelora_lit.lightning.checks import describe_error
+from moelora_lit.lightning.fault_tolerance import FaultTolerance
 
 REPO = Path(__file__).resolve().parents[1]
 SMOKE = str(REPO / "experiments" / "smoke.yaml")

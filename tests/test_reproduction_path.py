@@ -14,7 +14,7 @@ from hf_folder import build_tiny_hf_folder
 
 from moelora_lit.__main__ import main
 from moelora_lit.data.prepare import git_blob_id, prepare, wanted_files
-from moelora_lit.report import collect, summarise
+from moelora_lit.eval.report import collect, summarise
 
 REPO = Path(__file__).resolve().parents[1]
 

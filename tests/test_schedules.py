@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from moelora_lit.schedules import ScheduleHorizon, WarmupLinearDecay
+from moelora_lit.lightning.schedules import ScheduleHorizon, WarmupLinearDecay
 
 
 def _optimizer() -> torch.optim.Optimizer:

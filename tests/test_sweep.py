@@ -64,7 +64,7 @@ def test_one_real_run_then_skip_and_report(tmp_path: Path, capsys) -> None:
     assert sweep.main(["--configs", str(SMOKE), "--seeds", "3", "--out", str(tmp_path), *extra]) == 0
     assert "1 finished, 0 to run" in capsys.readouterr().err
 
-    from moelora_lit.report import collect, summarise
+    from moelora_lit.eval.report import collect, summarise
 
     (row,) = summarise(collect([tmp_path]))
     assert (row["method"], row["dataset"], row["seeds"]) == ("smoke", "synth_add", "3")

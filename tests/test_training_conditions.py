@@ -13,7 +13,7 @@ from hf_folder import build_tiny_hf_folder
 from torch.utils.data import DataLoader, Dataset
 
 from moelora_lit import MoELoRAConfig, collect_aux_losses, inject_moelora, moelora_layers, push_queues, set_token_mask
-from moelora_lit.module import MoELoRAModule
+from moelora_lit.lightning.module import MoELoRAModule
 
 # Gradient checkpointing and DDP on the kernel users get on CPU (DDP's forked ranks fall back to the attention one).
 pytestmark = pytest.mark.compiled_kernel

@@ -21,12 +21,12 @@ from lightning import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.data import DataLoader
 
-from moelora_lit.answers import answer_kind, normalize_gold
 from moelora_lit.data.batching import Collator, LengthGroupedSampler, encode_rows
 from moelora_lit.data.formats import REGISTRY, convert_rows, resolve_name
 from moelora_lit.data.prompts import check_template
 from moelora_lit.data.resumable import ResumableDataLoader
 from moelora_lit.data.sources import load_raw
+from moelora_lit.eval.answers import answer_kind, normalize_gold
 
 
 @dataclass
@@ -192,8 +192,8 @@ class ReasoningDataModule(LightningDataModule):
     def _load_tokenizer(name: str) -> Any:
         from transformers import AutoTokenizer
 
-        from moelora_lit.gguf import gguf_tokenizer, tokenizer_args
-        from moelora_lit.hub import packaged_path
+        from moelora_lit.models.gguf import gguf_tokenizer, tokenizer_args
+        from moelora_lit.models.loading import packaged_path
 
         path = packaged_path(os.path.expanduser(name))
         if not os.path.exists(path) and (name.startswith((".", "/", "~")) or name.count("/") > 1):

@@ -15,15 +15,15 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from moelora_lit.display import (
+from moelora_lit.inject import moelora_layers
+from moelora_lit.layer import MoELoRALinear
+from moelora_lit.lightning.figures import (
     add_tensorboard_layout,
     disable_hp_metric,
     heatmap_grid,
     heatmap_image,
     tensorboard_writer,
 )
-from moelora_lit.inject import moelora_layers
-from moelora_lit.layer import MoELoRALinear
 
 _DATASET_NAMES = {"validate": "val_names", "test": "test_names"}
 

@@ -1,5 +1,5 @@
 """Finding and loading base models and tokenizers: a local Hugging Face folder, a hub id or a GGUF file
-(:mod:`moelora_lit.gguf`), optionally quantised (:mod:`moelora_lit.quant`)."""
+(:mod:`moelora_lit.models.gguf`), optionally quantised (:mod:`moelora_lit.models.quantization`)."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PretrainedConfig
 
-from moelora_lit.gguf import gguf_config, gguf_tokenizer, is_gguf_reference, resolve_gguf
-from moelora_lit.quant import bnb_config, check_quantization, quantize_loaded
+from moelora_lit.models.gguf import gguf_config, gguf_tokenizer, is_gguf_reference, resolve_gguf
+from moelora_lit.models.quantization import bnb_config, check_quantization, quantize_loaded
 
-PACKAGE_ROOT = Path(__file__).resolve().parent
+PACKAGE_ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_BASE = "moelora_lit/assets/tiny-base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 

@@ -3,7 +3,7 @@
 Every ``test_results.json`` under the given folders is one run; its method and seed come from a ``run.json`` beside
 it or in a folder above it (written by ``scripts/sweep.py``: ``{"method": ..., "seed": ...}``), else from the
 ``config.yaml`` LightningCLI saved beside it (``seed_everything``; the method named after the adapter). Each cell
-is the mean over seeds with a 95% Student-t interval, in %; published numbers (:mod:`moelora_lit.published`) sit in
+is the mean over seeds with a 95% Student-t interval, in %; published numbers (:mod:`moelora_lit.eval.published`) sit in
 their own columns. The footer lists each method's evaluation protocol and decoding, and flags the math test sets
 that math_10k contaminates.
 """
@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from moelora_lit.published import CLAIMS, published_for
+from moelora_lit.eval.published import CLAIMS, published_for
 
 CONTAMINATED = {"addsub", "multiarith", "singleeq"}  # MAWPS rows are in math_10k (LLM-Adapters' announcement)
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from moelora_lit.reliability import NonFiniteLossError, TrainingInterrupted
+from moelora_lit.lightning.checks import NonFiniteLossError, TrainingInterrupted
 
 
 # ----------------------------------------------------------------------------------------- RNG state

@@ -4,7 +4,7 @@
 - :func:`check_writable`: the pre-flight check that a log folder can be written to.
 - :func:`check_output_dirs`, :func:`check_optimizer`, :func:`check_checkpoint`: pre-flight checks.
 
-The training-time half lives in :mod:`moelora_lit.fault_tolerance` (non-finite loss, signals, the final
+The training-time half lives in :mod:`moelora_lit.lightning.fault_tolerance` (non-finite loss, signals, the final
 checkpoint) and :mod:`moelora_lit.data.resumable` (mid-epoch resume of the train loader).
 """
 
@@ -22,7 +22,7 @@ import lightning as L
 import torch
 from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-PACKAGE_DIR = str(Path(__file__).resolve().parent)
+PACKAGE_DIR = str(Path(__file__).resolve().parents[1])
 
 
 class NonFiniteLossError(RuntimeError):

@@ -13,24 +13,27 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics import SumMetric
 
-from moelora_lit.answers import PROTOCOLS, extract_answer, is_correct
-from moelora_lit.config import MoELoRAConfig
-from moelora_lit.generation import generate_texts
-from moelora_lit.hub import DEFAULT_BASE, DTYPES, build_meta_model, load_base_model, load_tokenizer, resolve_base
-from moelora_lit.inject import (
+from moelora_lit.adapter_io import (
     QUEUE_PREFIX,
     adapter_state_dict,
-    collect_aux_losses,
-    inject_moelora,
     load_adapter,
     load_adapter_state_dict,
-    matches,
-    push_queues,
     read_adapter_config,
     save_adapter,
-    set_token_mask,
 )
-from moelora_lit.quant import check_quantization
+from moelora_lit.config import MoELoRAConfig
+from moelora_lit.eval.answers import PROTOCOLS, extract_answer, is_correct
+from moelora_lit.inject import collect_aux_losses, inject_moelora, matches, push_queues, set_token_mask
+from moelora_lit.lightning.generation import generate_texts
+from moelora_lit.models.loading import (
+    DEFAULT_BASE,
+    DTYPES,
+    build_meta_model,
+    load_base_model,
+    load_tokenizer,
+    resolve_base,
+)
+from moelora_lit.models.quantization import check_quantization
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -59,12 +62,12 @@ class MoELoRAModule(L.LightningModule):
         max_new_tokens: generation budget for validation/test/predict.
         generate_on_validation: also compute ``val/acc/<dataset>`` by generation (else loss only).
         answer_protocol: how generations are scored: ``explicit`` (the stated answer first) or ``llm_adapters``
-            (LLM-Adapters' ``evaluate.py`` rules exactly; see :mod:`moelora_lit.answers`).
+            (LLM-Adapters' ``evaluate.py`` rules exactly; see :mod:`moelora_lit.eval.answers`).
         num_beams: 1 for greedy decoding; LLM-Adapters evaluates with 4 beams.
         gguf_file: a GGUF file inside the folder ``base_model`` (``base_model`` may also be a ``.gguf`` path
-            or ``package:<pkg>/<file>``, e.g. ``moelora_lit.gguf.SMOLLM2``; see :mod:`moelora_lit.gguf`).
+            or ``package:<pkg>/<file>``, e.g. ``moelora_lit.models.gguf.SMOLLM2``; see :mod:`moelora_lit.models.gguf`).
         quantization: ``none``, ``nf4`` or ``int8``: a bitsandbytes-quantised frozen base (QLoRA-style);
-            adapters and routers stay float32 (:mod:`moelora_lit.quant`).
+            adapters and routers stay float32 (:mod:`moelora_lit.models.quantization`).
     """
 
     def __init__(

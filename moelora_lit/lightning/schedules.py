@@ -6,9 +6,9 @@ is rarely known when a config is written, so ``total_steps`` may stay ``None``: 
 callback) then sets it from ``trainer.estimated_stepping_batches`` when training starts.
 
     model:
-      lr_scheduler: {class_path: moelora_lit.schedules.WarmupLinearDecay, init_args: {warmup_steps: 100}}
+      lr_scheduler: {class_path: moelora_lit.lightning.schedules.WarmupLinearDecay, init_args: {warmup_steps: 100}}
     trainer:
-      callbacks: [{class_path: moelora_lit.schedules.ScheduleHorizon}]
+      callbacks: [{class_path: moelora_lit.lightning.schedules.ScheduleHorizon}]
 """
 
 from __future__ import annotations
