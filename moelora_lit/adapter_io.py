@@ -2,8 +2,8 @@
 
 An adapter folder holds ``adapter_config.json`` (the :class:`MoELoRAConfig`, the wrapped names, the base's name) and
 ``adapter.safetensors`` (the adapter tensors only, never the base). Which tensors are adapter tensors and which are
-queue buffers each layer declares itself (:attr:`MoELoRALinear.adapter_tensor_names`,
-:attr:`MoELoRALinear.queue_tensor_names`).
+queue buffers each layer declares itself (:attr:`MoELoRALinear.adapter_module_names`,
+:attr:`MoELoRALinear.queue_tensor_names`, :meth:`MoELoRALinear.adapter_tensors`).
 """
 
 from __future__ import annotations
@@ -19,27 +19,29 @@ from torch import Tensor, nn
 
 from moelora_lit.config import MoELoRAConfig
 from moelora_lit.inject import inject_moelora, moelora_layers
+from moelora_lit.layer import MoELoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
-ADAPTER_PREFIXES = ("lora_", "router")
-QUEUE_PREFIX = "contrastive_queue"
+QUEUE_PREFIX = "contrastive_queue"  # shared start of MoELoRALinear.queue_tensor_names; prefer is_queue_tensor
+
+
+def is_queue_tensor(key: str) -> bool:
+    """Whether a state-dict key (``model.layers.0.self_attn.q_proj.contrastive_queue``) names a queue buffer."""
+    return key.rsplit(".", 1)[-1] in MoELoRALinear.queue_tensor_names
 
 
 def adapter_state_dict(model: nn.Module, include_queues: bool = False) -> dict[str, Tensor]:
-    """Adapter tensors (``lora_*``, ``router*``), optionally with the contrastive queues (checkpoints)."""
-    state = {}
-    for name, layer in moelora_layers(model):
-        for key, tensor in layer.state_dict(keep_vars=True).items():
-            if key.startswith(ADAPTER_PREFIXES) or (include_queues and key.startswith(QUEUE_PREFIX)):
-                state[f"{name}.{key}"] = tensor.detach()
-    return state
+    """Adapter tensors (what each layer's :meth:`~MoELoRALinear.adapter_tensors` names), optionally with the
+    contrastive queues (checkpoints)."""
+    return {f"{name}.{key}": tensor for name, layer in moelora_layers(model)
+            for key, tensor in layer.adapter_tensors(include_queues).items()}
 
 
 def load_adapter_state_dict(model: nn.Module, state: dict[str, Tensor], source: str = "state dict") -> None:
     """Copy adapter (and optional queue) tensors into ``model``; strict about names and shapes."""
     own = adapter_state_dict(model, include_queues=True)
-    required = {k for k in own if not k.rsplit(".", 1)[-1].startswith(QUEUE_PREFIX)}
+    required = {k for k in own if not is_queue_tensor(k)}
     missing = sorted(required - set(state))
     unexpected = sorted(set(state) - set(own))
     if missing or unexpected:

@@ -1,22 +1,34 @@
-"""A model's auxiliary terms computed together: one autograd node and one queue push per step, not one per layer.
+"""Per-step auxiliary state of a model's MoELoRA layers: one owner, one autograd node and one queue push per step.
 
 At the quickstart's shape (28 wrapped layers of a 4-block model) the per-layer work of the auxiliary terms is small
 (thousands of elements), so a step spent more on per-layer overhead (autograd nodes, small ops, kernel calls) than
-on the work itself. A training forward therefore only records what each layer's terms need
-(:meth:`AuxGroup.record`); the first read of any layer's terms computes every waiting layer's, and the queues of all
-layers are pushed in one batched call (:func:`push_pending_together`). The values equal layer-by-layer computation:
-bit for bit for the contrastive term and the queues, to float rounding for the balance and z terms (a reduction
-over a stacked tensor).
+on the work itself. An :class:`AuxGroup` (``inject_moelora`` gives a model's layers one) therefore owns, per layer,
+everything a training step leaves behind (an :class:`AuxSlot`):
+
+- what a training forward records (:meth:`AuxGroup.record`): the inputs of its contrastive, balance and z terms;
+- the terms themselves and the anchors waiting for the queue push, computed by :meth:`AuxGroup.flush` for every
+  waiting layer at once (all contrastive terms as one autograd node, the balance and z terms stacked);
+- the batched queue push (:func:`push_pending_together`, :func:`push_into`).
+
+What triggers the flush: the first read of any waiting layer's ``aux_losses`` or ``pending`` (or a write of
+``pending``), that layer's next forward, or a push. A layer only records into its group and reads through it.
+
+The values equal layer-by-layer computation: bit for bit for the contrastive term and the queues, to float rounding
+for the balance and z terms (a reduction over a stacked tensor). Deferring changes no value: the queues do not
+change between a forward and the flush, because every push flushes first, and the routing tensors are the
+forward's own.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 from torch import Tensor
 
 from moelora_lit import kernels
+from moelora_lit.config import MoELoRAConfig
 from moelora_lit.losses import (
     compiled_push_queue,
     cv2_balance_loss,
@@ -26,28 +38,62 @@ from moelora_lit.losses import (
     z_loss,
 )
 
-if TYPE_CHECKING:
-    from moelora_lit.layer import MoELoRALinear
+Entries = tuple[Tensor, Tensor, Tensor]  # (anchors (A, s), experts (A,), weights (A,)) waiting for a queue push
+
+
+class AuxLayer(Protocol):
+    """What the group reads of a layer (:class:`moelora_lit.layer.MoELoRALinear`): its settings and queue."""
+
+    config: MoELoRAConfig
+    aux_group: AuxGroup
+    contrastive_queue: Tensor            # (N, Q, s)
+    contrastive_queue_ptr: Tensor        # (N,)
+    contrastive_queue_count: Tensor      # (N,)
+
+
+@dataclass
+class AuxSlot:
+    """One layer's auxiliary state in its group.
+
+    Attributes:
+        recorded: ``(contrastive, routing)`` inputs of the latest training forward, until the flush computes them.
+        losses: unweighted terms of the latest training forward (``contrastive``, ``balance``, ``z``).
+        pending: the anchors of the latest training forward, until they are pushed into the queue.
+    """
+
+    recorded: tuple | None = None
+    losses: dict[str, Tensor] = field(default_factory=dict)
+    pending: Entries | None = None
 
 
 class AuxGroup:
-    """Layers whose auxiliary terms wait to be computed together (``inject_moelora`` gives a model's layers one).
-
-    Deferring changes no value: the queues do not change between a forward and the flush, because every push
-    flushes first, and the routing tensors are the forward's own.
-    """
+    """The auxiliary state of a set of layers, computed together (see the module docstring)."""
 
     def __init__(self) -> None:
-        self.waiting: list[MoELoRALinear] = []
+        self.waiting: list[AuxLayer] = []                   # layers with recorded inputs, in forward order
+        self._slots: dict[AuxLayer, AuxSlot] = {}
 
-    def record(self, layer: MoELoRALinear, contrastive: tuple | None, routing: tuple | None) -> None:
-        """Keep ``layer``'s inputs: ``contrastive = (projections, chosen, keep, scored)`` and
-        ``routing = (gates, logits, token weight)`` for the balance and z terms (None: that term is off)."""
-        layer._deferred = (contrastive, routing)
-        self.waiting.append(layer)
+    def slot(self, layer: AuxLayer) -> AuxSlot:
+        """``layer``'s state, flushed first if the layer has recorded inputs."""
+        slot = self._slots.setdefault(layer, AuxSlot())
+        if slot.recorded is not None:
+            self.flush()
+        return slot
+
+    def record(self, layer: AuxLayer, contrastive: tuple | None, routing: tuple | None) -> None:
+        """Keep ``layer``'s inputs of this forward's terms, replacing its previous terms.
+
+        ``contrastive = (projections, chosen, keep, scored)`` and ``routing = (gates, logits, token weight)`` for
+        the balance and z terms; None for a term that is off (both None: the layer has no terms this step).
+        """
+        slot = self.slot(layer)
+        slot.losses = {}
+        if contrastive is not None or routing is not None:
+            slot.recorded = (contrastive, routing)
+            self.waiting.append(layer)
 
     def flush(self) -> None:
-        """Compute every waiting layer's terms into its ``aux_losses`` (and its anchors into ``pending``).
+        """Compute every waiting layer's terms into its slot (and its anchors into ``pending``).
 
         With autograd on whatever the caller's mode: the terms belong to a training forward that recorded them with
         autograd on, and a first read under ``torch.no_grad()`` (a logging hook) must not strip their gradients.
@@ -57,64 +103,70 @@ class AuxGroup:
 
     def _flush(self) -> None:
         layers, self.waiting = self.waiting, []
-        inputs = [layer._deferred for layer in layers]
-        for layer in layers:
-            layer._deferred = None
-        contrastive = [(layer, item[0]) for layer, item in zip(layers, inputs, strict=True) if item[0] is not None]
-        if contrastive:
+        slots = [self._slots[layer] for layer in layers]
+        inputs = [slot.recorded for slot in slots]
+        for slot in slots:
+            slot.recorded = None
+        by_kernel: dict[str, list[tuple[AuxSlot, AuxLayer, tuple]]] = {}
+        for slot, layer, (contrastive, _) in zip(slots, layers, inputs, strict=True):
+            if contrastive is not None:
+                by_kernel.setdefault(layer.config.contrastive_kernel, []).append((slot, layer, contrastive))
+        for kernel, members in by_kernel.items():
             results = expert_contrastive_losses([
                 (a, chosen, keep, layer.contrastive_queue, layer.contrastive_queue_count,
-                 layer.config.contrastive_temperature, scored) for layer, (a, chosen, keep, scored) in contrastive])
-            for (layer, (_, chosen, keep, _)), (loss, anchors) in zip(contrastive, results, strict=True):
-                layer._aux_losses["contrastive"] = loss
-                layer._pending = (anchors, chosen.reshape(-1), keep.reshape(-1))
-        same_shape: dict[tuple, list[tuple[MoELoRALinear, tuple]]] = {}
-        for layer, (_, routing) in zip(layers, inputs, strict=True):
+                 layer.config.contrastive_temperature, scored) for _, layer, (a, chosen, keep, scored) in members],
+                kernel)
+            for (slot, _, (_, chosen, keep, _)), (loss, anchors) in zip(members, results, strict=True):
+                slot.losses["contrastive"] = loss
+                slot.pending = (anchors, chosen.reshape(-1), keep.reshape(-1))
+        same_shape: dict[tuple, list[tuple[AuxSlot, MoELoRAConfig, tuple]]] = {}
+        for slot, layer, (_, routing) in zip(slots, layers, inputs, strict=True):
             if routing is not None:
                 gates, c = routing[0], layer.config
                 key = (gates.shape, gates.dtype, gates.device, c.balance_weight, c.balance_loss, c.z_loss_weight)
-                same_shape.setdefault(key, []).append((layer, routing))
+                same_shape.setdefault(key, []).append((slot, c, routing))
         for members in same_shape.values():
             _routing_terms(members)
 
 
-def _routing_terms(members: list[tuple[MoELoRALinear, tuple]]) -> None:
+def _routing_terms(members: list[tuple[AuxSlot, MoELoRAConfig, tuple]]) -> None:
     """Balance and z terms of layers with the same gate shape and settings, as one stacked computation."""
-    c = members[0][0].config
-    gates, logits, weight = (torch.stack(parts) for parts in zip(*(routing for _, routing in members), strict=True))
+    c = members[0][1]
+    gates, logits, weight = (torch.stack(parts) for parts in zip(*(routing for *_, routing in members), strict=True))
     terms = {}
     if c.balance_weight > 0:
         terms["balance"] = (cv2_balance_loss(gates, weight) if c.balance_loss == "cv2"
                             else switch_balance_loss(gates, logits, weight))            # (L,)
     if c.z_loss_weight > 0:
-        terms["z"] = z_loss(logits, weight)
+        terms["z"] = z_loss(logits, weight)                                              # (L,)
     for key, values in terms.items():
-        for (layer, _), value in zip(members, values.unbind(0), strict=True):
-            layer._aux_losses[key] = value
+        for (slot, _, _), value in zip(members, values.unbind(0), strict=True):
+            slot.losses[key] = value
 
 
 @torch.no_grad()
-def push_pending_together(layers: list[MoELoRALinear]) -> None:
-    """:meth:`MoELoRALinear.push_pending` of every layer, with one push for all layers of the same shapes.
+def push_pending_together(layers: list[AuxLayer]) -> None:
+    """Push every layer's pending anchors, with one push for all layers of the same shapes and kernel setting.
 
     The same values as pushing layer by layer (the layers are a leading dimension of :func:`push_queue`), for one
     kernel call per step instead of one per layer.
     """
-    groups: dict[tuple, list[MoELoRALinear]] = {}
+    groups: dict[tuple, list[tuple[AuxLayer, Entries]]] = {}
     for layer in layers:
-        if layer.pending is not None:
+        slot = layer.aux_group.slot(layer)
+        if slot.pending is not None:
+            entries, slot.pending = slot.pending, None
             queue = layer.contrastive_queue
-            key = (queue.shape, queue.dtype, queue.device, layer.pending[0].shape, layer.pending[0].dtype)
-            groups.setdefault(key, []).append(layer)
-    for group in groups.values():
-        entries = [layer.pending for layer in group]
-        for layer in group:
-            layer.pending = None
-        push_into(group, entries)
+            key = (queue.shape, queue.dtype, queue.device, entries[0].shape, entries[0].dtype,
+                   layer.config.contrastive_kernel)
+            groups.setdefault(key, []).append((layer, entries))
+    for members in groups.values():
+        push_into([layer for layer, _ in members], [entries for _, entries in members])
 
 
-def push_into(layers: list[MoELoRALinear], entries: list[tuple[Tensor, Tensor, Tensor]]) -> None:
-    """Push ``entries[i]`` into ``layers[i]``'s queue (same queue shapes and entry counts), in place."""
+def push_into(layers: list[AuxLayer], entries: list[Entries]) -> None:
+    """Push ``entries[i]`` into ``layers[i]``'s queue buffers, in place (same queue shapes, entry counts and kernel
+    setting); in place, so DDP's buffer broadcast and the optimizer-free checkpoint both see the new queue."""
     state = [[getattr(layer, f"contrastive_queue{part}") for layer in layers] for part in ("", "_ptr", "_count")]
     if len(layers) == 1:
         args = (*(buffers[0] for buffers in state), *entries[0])
@@ -122,8 +174,9 @@ def push_into(layers: list[MoELoRALinear], entries: list[tuple[Tensor, Tensor, T
         parts = zip(*entries, strict=True)                              # anchors, experts, weights
         args = (*(torch.stack(buffers) for buffers in state), *(torch.cat(part) for part in parts))
     pushed = None
-    if kernels.use_compiled(args[0]) and args[3].shape[0] > 0:
-        pushed = kernels.compiled(compiled_push_queue, dynamic=(3, 4, 5))(*args)   # ~15 small ops -> one kernel
+    kernel = layers[0].config.contrastive_kernel
+    if args[3].shape[0] > 0 and kernels.COMPILED.applies(kernel, compiled_push_queue, args[0]):
+        pushed = kernels.COMPILED.run(compiled_push_queue, *args, dynamic=(3, 4, 5))  # ~15 small ops -> one kernel
     pushed = push_queue(*args) if pushed is None else pushed
     for buffers, new in zip(state, pushed, strict=True):
         torch._foreach_copy_(buffers, list(new.unbind(0)) if len(layers) > 1 else [new])

@@ -10,6 +10,7 @@ from typing import Any
 ROUTERS = ("topk", "dense", "noisy", "random")
 BALANCE_LOSSES = ("cv2", "switch")
 AUX_REDUCTIONS = ("sum", "mean")
+CONTRASTIVE_KERNELS = ("auto", "compiled", "attention")  # see moelora_lit.kernels
 
 
 @dataclass
@@ -42,6 +43,13 @@ class MoELoRAConfig:
             drawn uniformly from the real ones (an unbiased estimate of the same mean, at a fraction of the
             cost: the loss evaluates anchors x N x queue similarities). None (default) scores all of them.
             Every real anchor still enters the queue.
+        contrastive_kernel: how the contrastive loss and the queue push run on CPU in float32 (docs/design.md §8,
+            :mod:`moelora_lit.kernels`): ``auto`` (default: compiled by TorchInductor unless the environment
+            variable ``MOELORA_COMPILE_CONTRASTIVE=0`` is set), ``compiled`` (always try to compile) or
+            ``attention`` (never compile: PyTorch's fused attention kernel, same values to 1e-5, slower, no C++
+            compiler needed). Other devices use the matmul path whatever the choice.
+        contrastive_compact_cpu: on CPU, score real tokens only (padding is dropped with one host sync, free
+            there); False keeps the fixed-shape, sync-free path other devices take. Same values either way.
     """
 
     r: int = 8
@@ -59,6 +67,8 @@ class MoELoRAConfig:
     z_loss_weight: float = 0.0
     aux_reduction: str = "sum"
     contrastive_max_anchors: int | None = None
+    contrastive_kernel: str = "auto"
+    contrastive_compact_cpu: bool = True
 
     def __post_init__(self) -> None:
         def fail(name: str, problem: str) -> None:
@@ -84,6 +94,11 @@ class MoELoRAConfig:
             fail("balance_loss", f"unknown balance loss; choose one of {', '.join(BALANCE_LOSSES)}")
         if self.aux_reduction not in AUX_REDUCTIONS:
             fail("aux_reduction", f"choose one of {', '.join(AUX_REDUCTIONS)}")
+        if self.contrastive_kernel not in CONTRASTIVE_KERNELS:
+            fail("contrastive_kernel", f"choose one of {', '.join(CONTRASTIVE_KERNELS)} ('attention' needs no C++ "
+                                       "compiler)")
+        if not isinstance(self.contrastive_compact_cpu, bool):
+            fail("contrastive_compact_cpu", "must be true or false")
         for name in ("contrastive_weight", "balance_weight", "z_loss_weight", "lora_alpha"):
             if not 0 <= float(getattr(self, name)) < float("inf"):
                 fail(name, "must be a finite number >= 0")

@@ -10,10 +10,22 @@ order of preference on CPU in float32 (others: the matmul path):
   logit, exp, sum and the s weighted sums in registers. 3.3x faster than the next option at s=4 (0.9 vs 3.0 ms
   for 2176 anchors x 1024 entries, 1 thread). The whole layer term (normalise, gather, loss, closed-form gradient)
   and the queue push are compiled, once per process and layer shape, in 2-5 s (Inductor caches the C++ on disk);
-  only the anchor count is a dynamic size. Needs a C++ compiler: set ``MOELORA_COMPILE_CONTRASTIVE=0`` to skip it;
-  a failed compile warns once and falls back, and a forked child (``ddp_fork``) falls back silently.
+  only the anchor count is a dynamic size. Needs a C++ compiler.
 - PyTorch's fused CPU attention kernel with the anchors as queries (private op; online softmax, no (A, C) buffer).
 - matmul + softmax + matmul.
+
+Which one runs is :attr:`MoELoRAConfig.contrastive_kernel <moelora_lit.config.MoELoRAConfig>` (docs/design.md §8):
+
+- ``"auto"`` (default): the compiled loop on CPU in float32, the fused attention kernel otherwise. The environment
+  variable ``MOELORA_COMPILE_CONTRASTIVE=0`` overrides ``"auto"`` to ``"attention"`` (read at every call; the only
+  place it is read): a machine without a C++ compiler, or a test suite that would spend its time compiling.
+- ``"compiled"``: the compiled loop on CPU in float32, whatever the environment variable says.
+- ``"attention"``: never compile (the fused attention kernel on CPU, matmul + softmax elsewhere).
+
+The setting covers the loss and the queue push (:func:`moelora_lit.aux.push_into`). Whatever the choice, a compile
+that fails warns once and that kernel falls back for the rest of the process, a shift bound past
+:data:`MAX_SHIFT` (a very low temperature) falls back for that call, and a forked child (Lightning's ``ddp_fork``)
+falls back silently: :data:`COMPILED` owns that state.
 """
 
 from __future__ import annotations
@@ -27,7 +39,7 @@ from torch import Tensor
 
 MASKED_LOGIT = -1e30  # finite stand-in for -inf: an unfilled slot gets probability exactly 0, never NaN
 
-COMPILE_ON_CPU = os.environ.get("MOELORA_COMPILE_CONTRASTIVE", "1") != "0"
+ENVIRONMENT_OVERRIDE = "MOELORA_COMPILE_CONTRASTIVE"
 # exp(logit - shift) with shift >= every logit of the anchor lies in [exp(-2 shift), 1]; past exp(-80) float32
 # leaves its normal range, so a larger bound means "use another path" (tau < 0.025 with unit vectors).
 MAX_SHIFT = 40.0
@@ -35,8 +47,6 @@ MAX_SHIFT = 40.0
 RECOMPILE_LIMIT = 64  # compiled versions per kernel and process (one per distinct layer shape and temperature)
 
 _CPU_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_compiled: dict[Callable, Callable] = {}
-_compile_failed = False
 
 
 def bounded_softmax_moments(scaled: Tensor, entries: Tensor, bias: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -80,24 +90,6 @@ def softmax_moments(scaled: Tensor, entries: Tensor, bias: Tensor,
     return top - probs.amax(-1).log(), (entries.T @ probs.T).T, None  # probs @ entries; ~3x faster on CPU
 
 
-def use_compiled(tensor: Tensor) -> bool:
-    """Whether the compiled CPU path applies to the loss's float32 working tensors like ``tensor``."""
-    return (COMPILE_ON_CPU and not _compile_failed and not _forked and tensor.is_cpu
-            and tensor.dtype == torch.float32)
-
-
-def _after_fork_in_child() -> None:
-    # A forked child (Lightning's ddp_fork) inherits Inductor's compile workers and locks in an unusable state: a
-    # compile there hung a 2-process test. Children use the attention kernel (same values to 1e-5).
-    global _forked
-    _forked = True
-
-
-_forked = False
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_after_fork_in_child)
-
-
 def static_shapes(args: tuple, dynamic: tuple[int, ...] = (0, 1, 2)) -> None:
     """Inside a compiled function: specialise every dimension of ``args`` but the first of those at ``dynamic``.
 
@@ -113,40 +105,69 @@ def static_shapes(args: tuple, dynamic: tuple[int, ...] = (0, 1, 2)) -> None:
                 torch._dynamo.mark_static(arg, d)
 
 
-def compiled(function: Callable, dynamic: tuple[int, ...] = (0, 1, 2)) -> Callable:
-    """``function`` compiled by TorchInductor, returning ``None`` instead if compiling failed.
+class CompiledKernels:
+    """The process's TorchInductor-compiled CPU kernels and their state (one instance: :data:`COMPILED`).
 
-    The first dimension of the arguments at positions ``dynamic`` (the anchors: their count changes every step)
-    is dynamic; ``function`` calls :func:`static_shapes` with the same positions so that every other shape (the
-    queue's) stays static, which keeps the hot loop free of index arithmetic (8.4 vs 1.0 ms per layer with every
-    shape dynamic).
+    Attributes:
+        failed: kernels whose compile failed in this process; they use the eager paths from then on.
+        forked: True in a forked child process, where every kernel uses the eager paths.
     """
-    if function not in _compiled:
-        # Each layer shape (experts, queue size, width, top-k) and temperature is one more compiled version: a
-        # process that builds many (a test suite, a notebook) would pass Dynamo's default limit of 8 and lose it.
-        _compiled[function] = torch.compile(function, fullgraph=True, recompile_limit=RECOMPILE_LIMIT)
-    return _run_or_fall_back(_compiled[function], dynamic)
 
+    def __init__(self) -> None:
+        self._compiled: dict[Callable, Callable] = {}
+        self.failed: set[Callable] = set()
+        self.forked = False
 
-def _run_or_fall_back(function: Callable, dynamic: tuple[int, ...]) -> Callable:
-    def run(*args):
-        global _compile_failed
+    def applies(self, kernel: str, function: Callable, tensor: Tensor) -> bool:
+        """Whether ``function`` runs compiled for the contrastive-kernel setting ``kernel`` (see the module
+        docstring) on float32 working tensors like ``tensor``."""
+        if kernel == "attention" or (kernel == "auto" and os.environ.get(ENVIRONMENT_OVERRIDE, "1") == "0"):
+            return False
+        return (not self.forked and function not in self.failed and tensor.is_cpu
+                and tensor.dtype == torch.float32)
+
+    def run(self, function: Callable, *args, dynamic: tuple[int, ...] = (0, 1, 2)):
+        """``function(*args)`` compiled, or ``None`` if compiling failed (warned once per kernel).
+
+        The first dimension of the arguments at positions ``dynamic`` (the anchors: their count changes every step)
+        is dynamic; ``function`` calls :func:`static_shapes` with the same positions so that every other shape (the
+        queue's) stays static, which keeps the hot loop free of index arithmetic (8.4 vs 1.0 ms per layer with
+        every shape dynamic).
+        """
+        if function not in self._compiled:
+            # Each layer shape (experts, queue size, width, top-k) and temperature is one more compiled version: a
+            # process that builds many (a test suite, a notebook) would pass Dynamo's default limit of 8 and lose it.
+            self._compiled[function] = torch.compile(function, fullgraph=True, recompile_limit=RECOMPILE_LIMIT)
         for i in dynamic:
             torch._dynamo.maybe_mark_dynamic(args[i], 0)
         try:
-            return function(*args)
+            return self._compiled[function](*args)
         except Exception as error:  # no C++ compiler, an unsupported platform...: the eager paths still work
-            _compile_failed = True
-            if "RecompileLimit" in type(error).__name__:
-                warnings.warn(f"moelora_lit: this process compiled the contrastive loss's CPU kernel for more than "
-                              f"{RECOMPILE_LIMIT} layer shapes or temperatures; from now on it uses PyTorch's fused "
-                              "attention kernel (same values to 1e-5, slower). Raise "
-                              "moelora_lit.kernels.RECOMPILE_LIMIT before the first step to keep compiling.",
-                              RuntimeWarning, stacklevel=2)
-                return None
-            warnings.warn(f"moelora_lit: compiling the contrastive loss's CPU kernel failed ({type(error).__name__}: "
-                          f"{str(error).strip()[:300]}); using PyTorch's fused attention kernel instead (slower). "
-                          "Install a C++ compiler (g++) or set MOELORA_COMPILE_CONTRASTIVE=0 to silence this.",
-                          RuntimeWarning, stacklevel=2)
+            self.failed.add(function)
+            warnings.warn(_failure_message(error), RuntimeWarning, stacklevel=3)
             return None
-    return run
+
+
+def _failure_message(error: Exception) -> str:
+    if "RecompileLimit" in type(error).__name__:
+        return (f"moelora_lit: this process compiled the contrastive loss's CPU kernel for more than "
+                f"{RECOMPILE_LIMIT} layer shapes or temperatures; from now on it uses PyTorch's fused attention "
+                "kernel (same values to 1e-5, slower). Raise moelora_lit.kernels.RECOMPILE_LIMIT before the first "
+                "step to keep compiling.")
+    return (f"moelora_lit: compiling the contrastive loss's CPU kernel failed ({type(error).__name__}: "
+            f"{str(error).strip()[:300]}); using PyTorch's fused attention kernel instead (slower). Install a C++ "
+            "compiler (g++), or set adapter.contrastive_kernel='attention' (or MOELORA_COMPILE_CONTRASTIVE=0) to "
+            "silence this.")
+
+
+COMPILED = CompiledKernels()
+
+
+def _after_fork_in_child() -> None:
+    # A forked child (Lightning's ddp_fork) inherits Inductor's compile workers and locks in an unusable state, where a
+    # compile can hang. Children use the attention kernel (same values to 1e-5).
+    COMPILED.forked = True
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)

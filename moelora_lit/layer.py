@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelora_lit.aux import AuxGroup, push_into
+from moelora_lit.aux import AuxGroup, Entries, push_into
 from moelora_lit.config import MoELoRAConfig
 
 
@@ -51,10 +51,6 @@ def route(
     return gates, chosen
 
 
-# On CPU the contrastive loss scores real (non-padding) tokens only; False keeps the fixed-shape device path.
-COMPACT_ANCHORS_ON_CPU = True
-
-
 def in_backward() -> bool:
     """True while autograd's engine runs a backward pass (e.g. a checkpointed forward being recomputed)."""
     return torch._C._current_graph_task_id() != -1
@@ -73,13 +69,16 @@ class MoELoRALinear(nn.Module):
         token_mask: set by :func:`moelora_lit.inject.set_token_mask` before a forward; used when its
             size matches the tokens of the input (ignored otherwise, e.g. in cached decoding steps).
         aux_losses: unweighted auxiliary terms of the latest training forward (empty otherwise).
+        pending: the latest training forward's anchors, not yet pushed into the queue.
         eval_seed: seed of the ``random`` router in eval mode (set per layer by ``inject_moelora``).
-        aux_group: the :class:`moelora_lit.aux.AuxGroup` this layer's auxiliary terms wait in (shared by a
-            model's layers after ``inject_moelora``; a group of its own otherwise).
+        aux_group: the :class:`moelora_lit.aux.AuxGroup` that owns this layer's auxiliary state (shared by a
+            model's layers after ``inject_moelora``; a group of its own otherwise). Set it before the first
+            training forward.
 
-    The auxiliary terms are computed when :attr:`aux_losses` (or :attr:`pending`) is first read after a training
-    forward, for every waiting layer of the group at once. Queue updates (DESIGN 1.3) are deferred too: the
-    forward's anchors, scored against the queue, are kept as :attr:`pending`; :meth:`push_pending` writes them (the
+    A training forward only records the inputs of its auxiliary terms in :attr:`aux_group`. They are computed, for
+    every waiting layer of the group at once, when :attr:`aux_losses` or :attr:`pending` is first read (or the
+    layer runs again, or its queue is pushed). Queue updates (docs/design.md §1.3) are deferred too: the forward's
+    anchors, scored against the queue, are kept as :attr:`pending`; :meth:`push_pending` writes them (the
     Lightning module pushes every layer after each backward, gathering all ranks' anchors under DDP; otherwise the
     next training forward does). A forward that gradient checkpointing recomputes inside backward therefore sees
     the same queue, and records and pushes nothing (its terms were already used).
@@ -87,6 +86,11 @@ class MoELoRALinear(nn.Module):
     The ``random`` router draws fresh gates from the global RNG in training; in eval mode it re-seeds a
     generator with :attr:`eval_seed` at every forward, so the same input gives the same gates and outputs.
     """
+
+    # What an adapter file and a checkpoint hold (docs/design.md §9), asked by :mod:`moelora_lit.adapter_io`:
+    # the trainable submodules' tensors, and the contrastive queue buffers (checkpoints only, never adapter files).
+    adapter_module_names: tuple[str, ...] = ("lora_A", "lora_B", "router", "router_noise")
+    queue_tensor_names: tuple[str, ...] = ("contrastive_queue", "contrastive_queue_ptr", "contrastive_queue_count")
 
     def __init__(self, base_layer: nn.Module, config: MoELoRAConfig) -> None:
         super().__init__()
@@ -113,10 +117,7 @@ class MoELoRALinear(nn.Module):
         self.token_mask: Tensor | None = None
         self.last_gates: Tensor | None = None
         self.last_token_mask: Tensor | None = None
-        self._aux_losses: dict[str, Tensor] = {}
-        self._deferred: tuple | None = None  # this forward's inputs of its terms, awaiting the group's flush
         self.aux_group = AuxGroup()
-        self._pending: tuple[Tensor, Tensor, Tensor] | None = None  # (anchors (A, s), experts (A,), weights (A,))
         self.eval_seed = 0
 
     def reset_adapter_parameters(self) -> None:
@@ -128,23 +129,25 @@ class MoELoRALinear(nn.Module):
 
     @property
     def aux_losses(self) -> dict[str, Tensor]:
-        """Unweighted auxiliary terms of the latest training forward (computing the group's deferred terms first)."""
-        if self._deferred is not None:
-            self.aux_group.flush()
-        return self._aux_losses
+        """Unweighted auxiliary terms of the latest training forward (the group computes waiting terms first)."""
+        return self.aux_group.slot(self).losses
 
     @property
-    def pending(self) -> tuple[Tensor, Tensor, Tensor] | None:
-        """``(anchors (A, s), experts (A,), weights (A,))`` of the latest training forward, not yet pushed."""
-        if self._deferred is not None:
-            self.aux_group.flush()
-        return self._pending
+    def pending(self) -> Entries | None:
+        """``(anchors (A, s), experts (A,), weights (A,))`` of the latest training forward, not yet pushed (the
+        group computes waiting terms first)."""
+        return self.aux_group.slot(self).pending
 
     @pending.setter
-    def pending(self, entries: tuple[Tensor, Tensor, Tensor] | None) -> None:
-        if self._deferred is not None:
-            self.aux_group.flush()
-        self._pending = entries
+    def pending(self, entries: Entries | None) -> None:
+        self.aux_group.slot(self).pending = entries
+
+    def adapter_tensors(self, include_queues: bool = False) -> dict[str, Tensor]:
+        """This layer's adapter tensors by state-dict key (``lora_A.weight`` ...), optionally with its queue buffers;
+        the live tensors, detached (writing into them changes the layer)."""
+        return {key: tensor.detach() for key, tensor in self.state_dict(keep_vars=True).items()
+                if key.split(".", 1)[0] in self.adapter_module_names
+                or (include_queues and key in self.queue_tensor_names)}
 
     def _aux_enabled(self) -> bool:
         c = self.config
@@ -180,9 +183,7 @@ class MoELoRALinear(nn.Module):
         if self._aux_enabled():
             self._aux(a, gates, chosen, logits, mask)
         else:
-            if self._deferred is not None:  # an earlier training forward's terms: compute its anchors
-                self.aux_group.flush()
-            self._aux_losses = {}
+            self.aux_group.record(self, None, None)   # no terms; an earlier forward's anchors stay pending
         return result
 
     def _aux(self, a: Tensor, gates: Tensor, chosen: Tensor, logits: Tensor | None, mask: Tensor | None) -> None:
@@ -199,7 +200,7 @@ class MoELoRALinear(nn.Module):
         contrastive = None
         if c.contrastive_weight > 0:
             k, cl_a, cl_chosen, cl_gates, cl_weight = chosen.shape[1], a, chosen, gates, weight
-            if mask is not None and a.is_cpu and COMPACT_ANCHORS_ON_CPU:
+            if mask is not None and a.is_cpu and c.contrastive_compact_cpu:
                 # Score real tokens only: padding is often a third of a batch, and this loss is the costliest
                 # term of a CPU step. The index is a host sync, free on CPU (devices keep fixed shapes).
                 real = mask.nonzero().squeeze(1)                                       # (T',)
@@ -216,14 +217,11 @@ class MoELoRALinear(nn.Module):
         routing = None
         if logits is not None and (c.balance_weight > 0 or c.z_loss_weight > 0):
             routing = (gates, logits, weight)
-        if recomputed:
-            return
-        self._aux_losses = {}
-        if contrastive is not None or routing is not None:
+        if not recomputed:
             self.aux_group.record(self, contrastive, routing)
 
     @torch.no_grad()
-    def push_pending(self, entries: tuple[Tensor, Tensor, Tensor] | None = None) -> None:
+    def push_pending(self, entries: Entries | None = None) -> None:
         """Write ``entries`` (default: :attr:`pending`) into the queues, in place, and clear :attr:`pending`.
 
         In place, so DDP's buffer broadcast and the optimizer-free checkpoint both see the new queue.

@@ -18,81 +18,43 @@ from torch.autograd.function import once_differentiable
 from moelora_lit import kernels
 
 
-def contrastive_loss(
-    anchors: Tensor,
-    anchor_experts: Tensor,
-    anchor_weight: Tensor,
-    queue: Tensor,
-    queue_count: Tensor,
-    temperature: float,
-) -> Tensor:
-    """MoCo-style contrastive loss of DESIGN 1.3 against the per-expert queues.
+def compiled_or_eager(bounded: Callable, eager: Callable, kernel: str, *args) -> tuple:
+    """``bounded(*args)`` compiled where the contrastive-kernel setting ``kernel`` allows it (on CPU in float32, see
+    :mod:`moelora_lit.kernels`) and its shift bound (its last result) stays in range; else ``eager(*args)``.
+    Compiled, the loss's small ops become a few fused loops: at 28 layers the eager version's small ops cost as much
+    as the softmax itself."""
+    first = args[0]
+    if first.shape[0] > 0 and kernels.COMPILED.applies(kernel, bounded, first):
+        result = kernels.COMPILED.run(bounded, *args)
+        if result is not None and float(result[-1]) <= kernels.MAX_SHIFT:    # host sync, free on CPU
+            return result
+    return eager(*args)
 
-    For each anchor (token t routed to expert i) and queue entry q: ``logit = z . q / tau``; the
-    positives are the entries of queue i, the candidates the entries of all queues, and the loss is the
-    mean over (anchor, positive) pairs of ``-log softmax_candidates(logit)[positive]``.
+
+def loss_and_gradient(moments: Callable, anchors: Tensor, anchor_experts: Tensor, anchor_weight: Tensor,
+                       queue: Tensor, queue_count: Tensor, temperature: float):
+    """``(loss, d loss / d anchors or None, what moments reports)`` of the contrastive loss of docs/design.md §1.3.
+
+    For each anchor (token t routed to expert i) and queue entry q: ``logit = z . q / tau``; the positives are the
+    entries of queue i, the candidates the entries of all queues, and the loss is the mean over (anchor, positive)
+    pairs of ``-log softmax_candidates(logit)[positive]`` (exactly 0 while the queues are empty).
+
+    The gradient is in closed form: with ``c_i`` filled entries in queue i, ``S_i`` their sum and ``lse_a`` the
+    log-sum-exp of anchor a's logits over all filled entries, the sum over an anchor's positive pairs collapses to
+    ``w_a * (z_a . S_i / tau - c_i * lse_a)``, whose gradient with respect to ``z_a`` is
+    ``(w_a * c_i * (p_a @ queue) - w_a * S_i) / (tau * W)`` with ``p_a`` the softmax over candidates and ``W`` the
+    number of pairs. So the (anchors, N*Q) logits live only inside ``moments``; the queue and the weights are
+    constants (no gradient).
 
     Args:
+        moments: ``moments(scaled, entries, bias)`` returns ``(lse, expected or None, extra)``, see
+            :mod:`moelora_lit.kernels`.
         anchors: (A, s) L2-normalised expert representations.
         anchor_experts: (A,) long, the expert of each anchor.
         anchor_weight: (A,) float, 1 for a real anchor and 0 for padding.
         queue: (N, Q, s) earlier steps' representations (detached).
         queue_count: (N,) long, how many entries of each queue are filled.
         temperature: tau.
-
-    Returns:
-        Scalar loss; exactly 0 while the queues are empty.
-    """
-    return _ContrastiveLoss.apply(anchors, anchor_experts, anchor_weight, queue, queue_count, temperature)
-
-
-class _ContrastiveLoss(torch.autograd.Function):
-    """:func:`contrastive_loss` with its gradient computed in the forward pass (closed form).
-
-    With ``c_i`` filled entries in queue i, ``S_i`` their sum and ``lse_a`` the log-sum-exp of anchor a's
-    logits over all filled entries, the sum over an anchor's positive pairs collapses to
-    ``w_a * (z_a . S_i / tau - c_i * lse_a)``. The gradient with respect to ``z_a`` is
-    ``(w_a * c_i * (p_a @ queue) - w_a * S_i) / (tau * W)`` with ``p_a`` the softmax over candidates and
-    ``W`` the number of pairs. So the (anchors, N*Q) logits live only inside this call (see
-    :mod:`moelora_lit.kernels`), and only the (A, s) gradient is kept for backward. The queue and the
-    weights are constants (no gradient), as in the layer, where they are buffers and masks.
-    """
-
-    @staticmethod
-    def forward(ctx, anchors, anchor_experts, anchor_weight, queue, queue_count, temperature):
-        need_grad = ctx.needs_input_grad[0]
-        with torch.autocast(device_type=anchors.device.type, enabled=False):
-            eager = partial(_loss_and_gradient, partial(kernels.softmax_moments, need_expectation=need_grad))
-            loss, grad, _ = _compiled_or_eager(_bounded_loss_and_gradient, eager, anchors, anchor_experts,
-                                               anchor_weight, queue, queue_count, temperature)
-            if need_grad:
-                ctx.save_for_backward(grad.to(anchors.dtype))
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        return grad * grad_loss.to(grad.dtype), None, None, None, None, None
-
-
-def _compiled_or_eager(bounded: Callable, eager: Callable, *args) -> tuple:
-    """``bounded(*args)`` compiled, on CPU in float32 and where its shift bound (its last result) stays in range;
-    else ``eager(*args)``. Compiled, the loss's small ops become a few fused loops: at 28 layers the eager version's
-    small ops cost as much as the softmax itself."""
-    first = args[0]
-    if kernels.use_compiled(first) and first.shape[0] > 0:
-        result = kernels.compiled(bounded)(*args)
-        if result is not None and float(result[-1]) <= kernels.MAX_SHIFT:    # host sync, free on CPU
-            return result
-    return eager(*args)
-
-
-def _loss_and_gradient(moments: Callable, anchors: Tensor, anchor_experts: Tensor, anchor_weight: Tensor,
-                       queue: Tensor, queue_count: Tensor, temperature: float):
-    """``(loss, d loss / d anchors or None, what moments reports)`` of :class:`_ContrastiveLoss`.
-
-    ``moments(scaled, entries, bias)`` returns ``(lse, expected or None, extra)``, see :mod:`moelora_lit.kernels`.
     """
     dtype = torch.promote_types(anchors.dtype, torch.float32)
     num_experts, queue_size, dim = queue.shape
@@ -113,48 +75,27 @@ def _loss_and_gradient(moments: Callable, anchors: Tensor, anchor_experts: Tenso
     return loss, grad, extra
 
 
-def _bounded_loss_and_gradient(*args):
-    """:func:`_loss_and_gradient` with :func:`moelora_lit.kernels.bounded_softmax_moments` (the one compiled)."""
-    kernels.static_shapes(args)
-    return _loss_and_gradient(kernels.bounded_softmax_moments, *args)
+def expert_contrastive_losses(terms: list[tuple], kernel: str = "auto") -> list[tuple[Tensor, Tensor]]:
+    """The contrastive loss of several layers' routed tokens (docs/design.md §1.3), as one autograd node.
 
+    Each term is ``(projections, chosen, keep, queue, queue_count, temperature, scored)``:
 
-def expert_contrastive_loss(
-    projections: Tensor,
-    chosen: Tensor,
-    keep: Tensor,
-    queue: Tensor,
-    queue_count: Tensor,
-    temperature: float,
-    scored: Tensor | None = None,
-) -> tuple[Tensor, Tensor]:
-    """:func:`contrastive_loss` of a layer's routed tokens, from the experts' raw A-projections (DESIGN 1.3).
+    - projections: (T, N, s) ``A x`` per expert, before gating;
+    - chosen: (T, K) long, each token's routed experts;
+    - keep: (T, K) float, 1 for a real anchor (a real token with a non-zero gate), 0 otherwise;
+    - queue (N, Q, s), queue_count (N,), temperature: the layer's queue and tau (:func:`loss_and_gradient`);
+    - scored: optional (M,) long indices into the T*K anchors: score only those (the anchors are all returned).
 
-    The anchors are ``normalize(projections[t, chosen[t, k]])``; the normalisation, the gather and the loss run
-    as one autograd node whose gradient is computed in closed form in the forward pass (on CPU in float32, one
-    compiled graph: see :mod:`moelora_lit.kernels`).
-
-    Args:
-        projections: (T, N, s) ``A x`` per expert, before gating.
-        chosen: (T, K) long, each token's routed experts.
-        keep: (T, K) float, 1 for a real anchor (a real token with a non-zero gate), 0 otherwise.
-        queue, queue_count, temperature: as in :func:`contrastive_loss`.
-        scored: optional (M,) long indices into the T*K anchors: score only those (the anchors are all returned).
+    The anchors are ``normalize(projections[t, chosen[t, k]])``; the normalisation, the gather and the loss have
+    their gradient computed in closed form in the forward pass. The layers' kernels (``kernel``: the
+    contrastive-kernel setting, :mod:`moelora_lit.kernels`) run back to back, with one node's overhead for all of
+    them (28 layers per step at the quickstart's shape, where a node per layer cost more than the kernels' work).
 
     Returns:
-        ``(loss, anchors)``: the scalar loss and the (T*K, s) detached anchors, to push into the queues.
-    """
-    return expert_contrastive_losses([(projections, chosen, keep, queue, queue_count, temperature, scored)])[0]
-
-
-def expert_contrastive_losses(terms: list[tuple]) -> list[tuple[Tensor, Tensor]]:
-    """:func:`expert_contrastive_loss` of several layers (each a tuple of its arguments) as one autograd node.
-
-    The layers' kernels run back to back, with one node's overhead for all of them (28 layers per step at the
-    quickstart's shape, where a node per layer cost more than the kernels' own work).
+        Per term ``(loss, anchors)``: the scalar loss and the (T*K, s) detached anchors, to push into the queues.
     """
     flat = [value for term in terms for value in term]
-    out = _ExpertContrastiveLosses.apply(len(terms), *flat)
+    out = _ExpertContrastiveLosses.apply(len(terms), kernel, *flat)
     return [(out[i], out[len(terms) + i]) for i in range(len(terms))]
 
 
@@ -165,13 +106,13 @@ class _ExpertContrastiveLosses(torch.autograd.Function):
     """:func:`expert_contrastive_losses`; backward scales the gradients kept from the forward pass."""
 
     @staticmethod
-    def forward(ctx, count, *flat):
+    def forward(ctx, count, kernel, *flat):
         losses, anchors, grads = [], [], []
         eager = partial(_expert_loss_and_gradient, kernels.softmax_moments)
         with torch.autocast(device_type=flat[0].device.type, enabled=False):
             for i in range(count):
                 term = flat[i * _ARGS:(i + 1) * _ARGS]
-                loss, grad, anchor, _ = _compiled_or_eager(_bounded_expert_loss_and_gradient, eager, *term)
+                loss, grad, anchor, _ = compiled_or_eager(_bounded_expert_loss_and_gradient, eager, kernel, *term)
                 losses.append(loss)
                 anchors.append(anchor)
                 grads.append(grad.to(term[0].dtype))
@@ -183,7 +124,7 @@ class _ExpertContrastiveLosses(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, *grad_outputs):
         grads = ctx.saved_tensors
-        out: list[Tensor | None] = [None]
+        out: list[Tensor | None] = [None, None]
         for grad, grad_loss in zip(grads, grad_outputs[:len(grads)], strict=True):
             out += [grad * grad_loss.to(grad.dtype)] + [None] * (_ARGS - 1)
         return tuple(out)
@@ -191,7 +132,8 @@ class _ExpertContrastiveLosses(torch.autograd.Function):
 
 def _expert_loss_and_gradient(moments: Callable, projections: Tensor, chosen: Tensor, keep: Tensor, queue: Tensor,
                               queue_count: Tensor, temperature: float, scored: Tensor | None):
-    """``(loss, d loss / d projections, anchors, what moments reports)`` of :func:`expert_contrastive_loss`."""
+    """``(loss, d loss / d projections, anchors, what moments reports)`` of one term of
+    :func:`expert_contrastive_losses`."""
     tokens, _, dim = projections.shape
     norm = projections.norm(dim=-1, keepdim=True)                                        # F.normalize, eps 1e-12
     z = projections / norm.clamp_min(1e-12)                                              # (T, N, s)
@@ -199,9 +141,9 @@ def _expert_loss_and_gradient(moments: Callable, projections: Tensor, chosen: Te
     anchors = z.gather(1, index).reshape(-1, dim)                                        # (T*K, s)
     experts, weight = chosen.reshape(-1), keep.reshape(-1)
     if scored is None:
-        loss, grad, extra = _loss_and_gradient(moments, anchors, experts, weight, queue, queue_count, temperature)
+        loss, grad, extra = loss_and_gradient(moments, anchors, experts, weight, queue, queue_count, temperature)
     else:
-        loss, grad_scored, extra = _loss_and_gradient(
+        loss, grad_scored, extra = loss_and_gradient(
             moments, anchors.index_select(0, scored), experts.index_select(0, scored),
             weight.index_select(0, scored), queue, queue_count, temperature)
         grad = torch.zeros_like(anchors).index_add_(0, scored, grad_scored)

@@ -4,18 +4,17 @@ fixed-shape computation (no loop over experts, no host sync)."""
 from __future__ import annotations
 
 from collections import Counter
-from unittest import mock
 
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import adapter_config
+from contrastive_reference import contrastive_loss
 from torch import nn
 from torch.profiler import profile
 
-from moelora_lit import MoELoRALinear, kernels
-from moelora_lit import layer as layer_module
-from moelora_lit.losses import contrastive_loss, cv2_balance_loss
+from moelora_lit import MoELoRALinear
+from moelora_lit.losses import cv2_balance_loss
 
 ROUTERS = ["topk", "dense", "noisy", "random"]
 IN, OUT = 16, 12
@@ -228,15 +227,10 @@ def test_token_mask_keeps_padding_out_of_queue_and_balance():
     assert layer.contrastive_queue_count.sum().item() == 7 * 2 + 10 * 2
 
 
-def op_counts(num_experts: int, router: str = "topk") -> Counter:
+def op_counts(num_experts: int, router: str = "topk", **overrides) -> Counter:
     """aten ops of one training step, on the eager path (the compiled CPU kernels hide their ops from the profiler)."""
-    with mock.patch.object(kernels, "COMPILE_ON_CPU", False):
-        return _op_counts(num_experts, router)
-
-
-def _op_counts(num_experts: int, router: str) -> Counter:
     layer = make_layer(router, r=16, num_experts=num_experts, top_k=2, contrastive_weight=0.1, balance_weight=0.1,
-                       z_loss_weight=0.1, lora_dropout=0.1).train()
+                       z_loss_weight=0.1, lora_dropout=0.1, contrastive_kernel="attention", **overrides).train()
     layer.token_mask = torch.tensor([[1] * 6, [1] * 4 + [0] * 2])
     x = inputs(2, 6, IN)
     layer(x)                                                            # fill the queues first
@@ -260,20 +254,19 @@ SYNC_OPS = {"aten::nonzero", "aten::item", "aten::_local_scalar_dense", "aten::i
 
 
 @pytest.mark.parametrize("router", ROUTERS)
-def test_forward_and_backward_with_contrastive_loss_never_sync_with_host(router, monkeypatch):
-    monkeypatch.setattr(layer_module, "COMPACT_ANCHORS_ON_CPU", False)   # the fixed-shape path devices take
-    counts = op_counts(4, router)
+def test_forward_and_backward_with_contrastive_loss_never_sync_with_host(router):
+    counts = op_counts(4, router, contrastive_compact_cpu=False)         # the fixed-shape path devices take
     assert counts["aten::mm"] + counts["aten::addmm"] > 0               # the profiler saw the step
     assert not SYNC_OPS & set(counts), sorted(SYNC_OPS & set(counts))
 
 
 @pytest.mark.compiled_kernel
 @pytest.mark.parametrize("router", ["topk", "dense"])
-def test_cpu_compaction_of_padding_gives_the_same_loss_gradient_and_queue(router, monkeypatch):
+def test_cpu_compaction_of_padding_gives_the_same_loss_gradient_and_queue(router):
     results = []
     for compact in (True, False):
-        monkeypatch.setattr(layer_module, "COMPACT_ANCHORS_ON_CPU", compact)
-        layer = make_layer(router, contrastive_weight=1.0, contrastive_queue_size=64).train()
+        layer = make_layer(router, contrastive_weight=1.0, contrastive_queue_size=64,
+                           contrastive_compact_cpu=compact).train()
         layer.token_mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]])
         for seed in (0, 1):                                              # the second step scores a filled queue
             layer.zero_grad()

@@ -1,19 +1,17 @@
-"""The auxiliary losses against their formulas on hand-sized examples (DESIGN 1.3 and 1.4)."""
+"""The auxiliary losses against their formulas on hand-sized examples (docs/design.md §1.3 and §1.4)."""
 
 from __future__ import annotations
 
 import math
-import os
-import subprocess
-import sys
 import warnings
 from collections import deque
 
 import pytest
 import torch
+from contrastive_reference import bounded_loss_and_gradient, contrastive_loss, expert_contrastive_loss
 
-from moelora_lit import kernels, losses
-from moelora_lit.losses import contrastive_loss, cv2_balance_loss, push_queue, switch_balance_loss, z_loss
+from moelora_lit import MoELoRAConfig, kernels, losses
+from moelora_lit.losses import cv2_balance_loss, push_queue, switch_balance_loss, z_loss
 
 
 def unit(degrees: float) -> list[float]:
@@ -21,7 +19,7 @@ def unit(degrees: float) -> list[float]:
 
 
 def naive_contrastive(anchors, experts, weights, queues, tau) -> float:
-    """DESIGN 1.3 as a loop: mean over (anchor, positive) pairs of -log(exp(l_p) / sum_c exp(l_c))."""
+    """docs/design.md §1.3 as a loop: mean over (anchor, positive) pairs of -log(exp(l_p) / sum_c exp(l_c))."""
     terms = []
     candidates = [q for queue in queues for q in queue]
     for z, expert, weight in zip(anchors, experts, weights, strict=True):
@@ -95,7 +93,7 @@ def test_anchor_of_an_empty_expert_queue_has_no_pairs_and_finite_gradient(cpu_pa
 
 
 def differentiable_reference(anchors, experts, weights, queue, count, tau):
-    """DESIGN 1.3 with torch ops per (anchor, positive) pair, so autograd gives the reference gradient."""
+    """docs/design.md §1.3 with torch ops per (anchor, positive) pair, so autograd gives the reference gradient."""
     candidates = torch.cat([queue[i, : count[i]] for i in range(queue.shape[0])])
     terms = []
     for a in range(anchors.shape[0]):
@@ -108,16 +106,15 @@ def differentiable_reference(anchors, experts, weights, queue, count, tau):
 
 
 @pytest.fixture(params=["compiled kernel", "fused CPU kernel", "matmul and softmax"])
-def cpu_path(request, monkeypatch):
+def cpu_path(request, monkeypatch) -> str:
     """Every way the loss is computed in float32 on CPU: the Inductor-compiled loop (the default), PyTorch's fused
-    attention kernel (its fallback) and plain matmul + softmax (where that op is missing)."""
-    monkeypatch.setattr(kernels, "COMPILE_ON_CPU", request.param == "compiled kernel")
-    monkeypatch.setattr(kernels, "_compile_failed", False)
+    attention kernel (its fallback) and plain matmul + softmax (where torch lacks that op). Returns the
+    ``contrastive_kernel`` setting to pass."""
     if request.param == "fused CPU kernel":
-        assert kernels._CPU_FLASH is not None, "torch no longer has the fused CPU attention op"
+        assert kernels._CPU_FLASH is not None, "torch lacks the fused CPU attention op"
     elif request.param == "matmul and softmax":
-        monkeypatch.setattr(kernels, "_CPU_FLASH", None)
-    return request.param
+        monkeypatch.setattr(kernels, "_CPU_FLASH", None)                # simulates a torch without the op
+    return "compiled" if request.param == "compiled kernel" else "attention"
 
 
 def random_case(seed: int = 3, anchors: int = 40, experts: int = 4, size: int = 16, dim: int = 4):
@@ -134,53 +131,64 @@ def random_case(seed: int = 3, anchors: int = 40, experts: int = 4, size: int = 
 @pytest.mark.parametrize("dim", [2, 4, 8])
 def test_compiled_kernel_is_used_and_agrees_with_the_attention_kernel(dim, monkeypatch):
     z, chosen, weights, queue, count = random_case(dim=dim)
+    compiled = kernels.CompiledKernels()                                # a fresh process state
     calls = []
-    original = kernels.compiled
-    monkeypatch.setattr(kernels, "compiled", lambda function: calls.append(1) or original(function))
-    monkeypatch.setattr(kernels, "_compile_failed", False)
+    original = compiled.run
+    monkeypatch.setattr(compiled, "run", lambda function, *args, **kw: calls.append(1) or original(function, *args))
+    monkeypatch.setattr(kernels, "COMPILED", compiled)
     results = {}
-    for compiled in (True, False):
-        monkeypatch.setattr(kernels, "COMPILE_ON_CPU", compiled)
+    for kernel in ("compiled", "attention"):
         ours = z.clone().requires_grad_()
-        loss = contrastive_loss(ours, chosen, weights, queue, count, 0.07)
+        loss = contrastive_loss(ours, chosen, weights, queue, count, 0.07, kernel=kernel)
         loss.backward()
-        results[compiled] = (loss.detach(), ours.grad)
-    assert len(calls) == 1 and not kernels._compile_failed              # only the compiled run went through it
-    torch.testing.assert_close(results[True], results[False], atol=1e-5, rtol=1e-5)
+        results[kernel] = (loss.detach(), ours.grad)
+    assert len(calls) == 1 and not compiled.failed                      # only the compiled run went through it
+    torch.testing.assert_close(results["compiled"], results["attention"], atol=1e-5, rtol=1e-5)
 
 
-def test_the_compiled_kernel_is_on_by_default_and_off_with_the_environment_variable():
-    code = "from moelora_lit import kernels; print(kernels.COMPILE_ON_CPU)"
-    for value, expected in ((None, "True"), ("0", "False"), ("1", "True")):
-        env = {k: v for k, v in os.environ.items() if k != "MOELORA_COMPILE_CONTRASTIVE"}
-        if value is not None:
-            env["MOELORA_COMPILE_CONTRASTIVE"] = value
-        out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
-        assert out.stdout.strip() == expected, (value, out.stderr[-2000:])
+def test_the_kernel_setting_and_its_environment_override(monkeypatch):
+    """``auto`` compiles unless MOELORA_COMPILE_CONTRASTIVE=0 (read at every call); ``compiled`` and ``attention``
+    ignore the variable; only float32 CPU tensors compile; a bad setting is refused naming the field."""
+    compiled, cpu = kernels.CompiledKernels(), torch.zeros(2)
+    for value, auto in ((None, True), ("0", False), ("1", True)):
+        if value is None:
+            monkeypatch.delenv(kernels.ENVIRONMENT_OVERRIDE, raising=False)
+        else:
+            monkeypatch.setenv(kernels.ENVIRONMENT_OVERRIDE, value)
+        assert compiled.applies("auto", bounded_loss_and_gradient, cpu) is auto
+        assert compiled.applies("compiled", bounded_loss_and_gradient, cpu)
+        assert not compiled.applies("attention", bounded_loss_and_gradient, cpu)
+    assert not compiled.applies("compiled", bounded_loss_and_gradient, cpu.double())
+    compiled.forked = True
+    assert not compiled.applies("compiled", bounded_loss_and_gradient, cpu)
+    with pytest.raises(ValueError, match="contrastive_kernel='fast'.*auto, compiled, attention"):
+        MoELoRAConfig(contrastive_kernel="fast")
 
 
 def test_a_failed_compile_warns_once_and_falls_back_to_the_attention_kernel(monkeypatch):
     def broken(*args):
         raise RuntimeError("no C++ compiler")
-    monkeypatch.setattr(kernels, "COMPILE_ON_CPU", True)
-    monkeypatch.setattr(kernels, "_compile_failed", False)
-    monkeypatch.setattr(kernels, "_compiled", {losses._bounded_loss_and_gradient: broken})
+    compiled = kernels.CompiledKernels()
+    monkeypatch.setattr(kernels, "COMPILED", compiled)
+    monkeypatch.setattr(torch, "compile", lambda function, **kwargs: broken)
     queue, count = queue_tensor([[unit(10), unit(100)], [unit(200)]], size=2)
     anchors, experts = torch.tensor([unit(0), unit(30)]), torch.tensor([0, 1])
     expected = naive_contrastive([unit(0), unit(30)], [0, 1], [1.0, 1.0], [[unit(10), unit(100)], [unit(200)]], 0.1)
     with pytest.warns(RuntimeWarning, match="MOELORA_COMPILE_CONTRASTIVE=0"):
-        first = contrastive_loss(anchors, experts, torch.ones(2), queue, count, 0.1)
+        first = contrastive_loss(anchors, experts, torch.ones(2), queue, count, 0.1, kernel="compiled")
     assert first.item() == pytest.approx(expected, rel=1e-5)
+    assert compiled.failed == {bounded_loss_and_gradient}               # that kernel only
     with warnings.catch_warnings():
         warnings.simplefilter("error")                                  # no second warning
-        assert contrastive_loss(anchors, experts, torch.ones(2), queue, count, 0.1).item() == first.item()
+        again = contrastive_loss(anchors, experts, torch.ones(2), queue, count, 0.1, kernel="compiled")
+        assert again.item() == first.item()
 
 
 def test_low_temperature_stays_exact_past_the_compiled_kernels_range(cpu_path):
     # tau 0.01: logits up to 100, beyond the compiled kernel's bounded shift; the attention kernel takes over.
     queue, count = queue_tensor([[unit(0), unit(170)], [unit(90)]], size=2)
     anchors = torch.tensor([unit(175), unit(95)])
-    loss = contrastive_loss(anchors, torch.tensor([0, 1]), torch.ones(2), queue, count, 0.01)
+    loss = contrastive_loss(anchors, torch.tensor([0, 1]), torch.ones(2), queue, count, 0.01, kernel=cpu_path)
     expected = naive_contrastive([unit(175), unit(95)], [0, 1], [1.0, 1.0], [[unit(0), unit(170)], [unit(90)]], 0.01)
     assert loss.item() == pytest.approx(expected, rel=1e-5)
 
@@ -195,7 +203,7 @@ def test_contrastive_gradient_matches_autograd_of_the_definition(dtype, cpu_path
     raw = torch.randn(6, 5, generator=generator, dtype=dtype)
     ours = torch.nn.functional.normalize(raw, dim=-1).requires_grad_()
     ref = ours.detach().clone().requires_grad_()
-    loss = contrastive_loss(ours, experts, weights, queue, count, 0.3)
+    loss = contrastive_loss(ours, experts, weights, queue, count, 0.3, kernel=cpu_path)
     expected = differentiable_reference(ref, experts, weights, queue, count, 0.3)
     tolerance = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=1e-10, rtol=1e-10)
     torch.testing.assert_close(loss, expected, **tolerance)
@@ -204,7 +212,8 @@ def test_contrastive_gradient_matches_autograd_of_the_definition(dtype, cpu_path
     torch.testing.assert_close(ours.grad, ref.grad, **tolerance)
     assert not ours.grad[3].any()                                       # padding anchor: no gradient
     with torch.no_grad():
-        torch.testing.assert_close(contrastive_loss(ours, experts, weights, queue, count, 0.3), loss.detach())
+        torch.testing.assert_close(contrastive_loss(ours, experts, weights, queue, count, 0.3, kernel=cpu_path),
+                                   loss.detach())
 
 
 @pytest.mark.parametrize("subset", [False, True])
@@ -220,7 +229,7 @@ def test_expert_contrastive_loss_matches_autograd_through_normalize_and_gather(s
     keep = (torch.rand(tokens, top_k, generator=generator) > 0.25).float()
     scored = torch.tensor([0, 3, 4, 9, 12, 13]) if subset else None
     ours = raw.clone().requires_grad_()
-    loss, anchors = losses.expert_contrastive_loss(ours, chosen, keep, queue, count, 0.2, scored)
+    loss, anchors = expert_contrastive_loss(ours, chosen, keep, queue, count, 0.2, scored, kernel=cpu_path)
     ref = raw.clone().requires_grad_()
     z = torch.nn.functional.normalize(ref, dim=-1).gather(1, chosen[..., None].expand(-1, -1, dim)).reshape(-1, dim)
     pick = torch.arange(tokens * top_k) if scored is None else scored
@@ -377,12 +386,12 @@ def test_several_layers_losses_are_one_node_with_each_layers_value_and_gradient(
         raws.append(raw)
         terms.append((raw.clone().requires_grad_(), chosen, torch.ones(tokens, 2), queue, torch.tensor([4, 1, 3]),
                       0.3, None))
-    results = losses.expert_contrastive_losses(terms)
+    results = losses.expert_contrastive_losses(terms, cpu_path)
     assert results[0][0].grad_fn is results[1][0].grad_fn                # one autograd node for both layers
     (2.0 * results[0][0] - results[1][0]).backward()
     for (projections, *rest), (loss, anchors), raw, scale in zip(terms, results, raws, (2.0, -1.0), strict=True):
         alone = raw.clone().requires_grad_()
-        expected, expected_anchors = losses.expert_contrastive_loss(alone, *rest)
+        expected, expected_anchors = expert_contrastive_loss(alone, *rest, kernel=cpu_path)
         (scale * expected).backward()
         assert torch.equal(loss.detach(), expected.detach()) and torch.equal(anchors, expected_anchors)
         torch.testing.assert_close(projections.grad, alone.grad, atol=0, rtol=0)
