@@ -1,4 +1,4 @@
-"""Adapter files and adapter state dicts: what ``save_adapter`` writes and ``load_adapter`` reads (DESIGN 2).
+"""Adapter files and adapter state dicts: what ``save_adapter`` writes and ``load_adapter`` reads (docs/design.md §2).
 
 An adapter folder holds ``adapter_config.json`` (the :class:`MoELoRAConfig`, the wrapped names, the base's name) and
 ``adapter.safetensors`` (the adapter tensors only, never the base). Which tensors are adapter tensors and which are

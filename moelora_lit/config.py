@@ -1,4 +1,4 @@
-"""The adapter configuration: one validated dataclass (DESIGN sections 1 and 2)."""
+"""The adapter configuration: one validated dataclass (docs/design.md §1 and §2)."""
 
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ class MoELoRAConfig:
             ``model.layers.0.self_attn.q_proj``), or one string used as a full-match regex.
         router: ``topk`` (sparse, default), ``dense`` (softmax over all), ``noisy`` (noisy top-k),
             ``random`` (random gates, no trainable router: the baseline the paper argues against).
-        contrastive_weight: weight of the contrastive loss (DESIGN 1.3); 0 turns it off.
+        contrastive_weight: weight of the contrastive loss (docs/design.md §1.3); 0 turns it off.
         contrastive_temperature: softmax temperature tau of the contrastive loss.
         contrastive_queue_size: FIFO queue length per expert (MoCo-style negatives/positives).
         balance_loss: ``cv2`` (squared coefficient of variation of importance) or ``switch``.

@@ -1,5 +1,5 @@
 """Target matching, injection and freezing, and the model-level helpers: token mask, auxiliary-term collection,
-queue pushes (DESIGN 2). Adapter files live in :mod:`moelora_lit.adapter_io`."""
+queue pushes (docs/design.md §2). Adapter files live in :mod:`moelora_lit.adapter_io`."""
 
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def set_token_mask(model: nn.Module, mask: Tensor | None) -> None:
 
 
 def collect_aux_losses(model: nn.Module) -> dict[str, Tensor]:
-    """Weighted auxiliary terms of DESIGN 1.5 from the latest forward, reduced over layers.
+    """Weighted auxiliary terms of docs/design.md §1.5 from the latest forward, reduced over layers.
 
     Returns:
         ``{"contrastive": w_cl * sum L_cl, "balance": w_bal * sum L_bal, "z": w_z * sum L_z}``
@@ -111,7 +111,7 @@ def collect_aux_losses(model: nn.Module) -> dict[str, Tensor]:
 
 def check_checkpointing(model: nn.Module) -> None:
     """Refuse reentrant gradient checkpointing: its first forward runs without autograd, so every auxiliary
-    term of DESIGN 1.5 would silently be 0 with no gradient. Non-reentrant checkpointing is exact."""
+    term of docs/design.md §1.5 would silently be 0 with no gradient. Non-reentrant checkpointing is exact."""
     for name, module in model.named_modules():
         func = getattr(module, "_gradient_checkpointing_func", None)
         enabled = getattr(module, "gradient_checkpointing", False) and func is not None

@@ -1,4 +1,4 @@
-"""The MoELoRA linear layer and its routers (DESIGN 1.1 and 1.2)."""
+"""The MoELoRA linear layer and its routers (docs/design.md §1.1 and §1.2)."""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def route(
     logits: Tensor | None, router: str, top_k: int, num_experts: int, tokens: int, like: Tensor,
     noise_std: Tensor | None = None, generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Gates of DESIGN 1.2. ``generator`` (random router only) draws the gates; None uses the global RNG.
+    """Gates of docs/design.md §1.2. ``generator`` (random router only) draws the gates; None uses the global RNG.
 
     Returns:
         gates: (T, N), zero for experts a token does not use, rows summing to 1.
@@ -57,7 +57,7 @@ def in_backward() -> bool:
 
 
 class MoELoRALinear(nn.Module):
-    """A frozen linear layer plus a mixture of LoRA experts (DESIGN 1.1).
+    """A frozen linear layer plus a mixture of LoRA experts (docs/design.md §1.1).
 
     ``y = W0 x + (alpha / s) * B flatten(A dropout(x) reshaped (T, N, s) * g[..., None])``; expert i
     owns rows ``[i*s, (i+1)*s)`` of A and the same columns of B, so the adapter has exactly the
@@ -187,7 +187,7 @@ class MoELoRALinear(nn.Module):
         return result
 
     def _aux(self, a: Tensor, gates: Tensor, chosen: Tensor, logits: Tensor | None, mask: Tensor | None) -> None:
-        """Records this forward's inputs of the auxiliary terms of DESIGN 1.3-1.4 in :attr:`aux_group`, which computes
+        """Records this forward's inputs of the auxiliary terms of docs/design.md §1.3-1.4 in :attr:`aux_group`, which computes
         them into :attr:`aux_losses` (and the anchors into :attr:`pending`) when they are first read."""
         c = self.config
         # Gradient checkpointing re-running this forward inside backward: the same ops (their saved tensors must

@@ -1,4 +1,4 @@
-"""Auxiliary losses of MoELoRA as pure functions of tensors (DESIGN 1.3 and 1.4).
+"""Auxiliary losses of MoELoRA as pure functions of tensors (docs/design.md §1.3 and §1.4).
 
 Every function takes fixed-shape tensors and a per-token weight (1 for real tokens, 0 for padding)
 instead of boolean indexing, so nothing here synchronises with the host. Lookups by expert use
@@ -206,7 +206,7 @@ def push_queue(
 
 
 def cv2_balance_loss(gates: Tensor, token_weight: Tensor) -> Tensor:
-    """Squared coefficient of variation of expert importance (author code, DESIGN 1.4).
+    """Squared coefficient of variation of expert importance (author code, docs/design.md §1.4).
 
     ``importance_i = sum_t g[t, i]``; ``L = Var(importance) / (Mean(importance)^2 + 1e-10)`` with
     the unbiased variance. Returns 0 for a single expert. Leading dimensions (layers) give one value each:
@@ -223,7 +223,7 @@ def cv2_balance_loss(gates: Tensor, token_weight: Tensor) -> Tensor:
 
 
 def switch_balance_loss(gates: Tensor, logits: Tensor, token_weight: Tensor) -> Tensor:
-    """Switch-Transformer balance loss ``N * sum_i f_i * P_i`` (DESIGN 1.4).
+    """Switch-Transformer balance loss ``N * sum_i f_i * P_i`` (docs/design.md §1.4).
 
     ``f_i``: share of routed (token, slot) pairs sent to expert i; ``P_i``: mean full-softmax
     router probability of expert i over real tokens. Leading dimensions (layers) give one value each.

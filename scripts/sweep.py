@@ -14,47 +14,31 @@ sweeps are config files (``experiments/llama7b_*_moelora_experts16.yaml`` ...): 
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
-import subprocess
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from moelora_lit.analysis.runs import find_log_dir, run_all, run_dir  # noqa: E402
+from moelora_lit.eval.report import Run  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
 
 
-@dataclass
-class Run:
-    """One (config, seed) pair and where it logs."""
-
-    config: Path
-    seed: int
-    folder: Path
-
-    @property
-    def method(self) -> str:
-        return self.config.stem
-
-
-def plan(configs: list[str], seeds: list[int], out: str) -> list[Run]:
-    """Every config x seed, in that order; a missing config is an error."""
+def plan(configs: list[str], seeds: list[int]) -> list[Run]:
+    """Every config x seed, in that order (method = the config's file stem); a missing config is an error."""
     missing = [c for c in configs if not Path(c).is_file()]
     if missing:
         raise FileNotFoundError(f"no such config file(s): {', '.join(missing)}")
-    return [Run(Path(c), s, Path(out) / Path(c).stem / f"seed{s}") for c in configs for s in seeds]
+    return [Run(Path(c).stem, None, s, Path(c)) for c in configs for s in seeds]
 
 
-def finished(run: Run) -> bool:
-    return any(run.folder.rglob("test_results.json"))
-
-
-def fit_command(run: Run, extra: list[str]) -> list[str]:
+def fit_command(run: Run, folder: Path, extra: list[str]) -> list[str]:
     """The ``fit`` command of one run (resuming from its ``last.ckpt`` when an earlier attempt left one)."""
     cmd = [sys.executable, "-m", "moelora_lit", "fit", "--config", str(run.config), "--seed_everything",
-           str(run.seed), "--data.seed", str(run.seed), "--trainer.default_root_dir", str(run.folder)]
-    last = sorted(run.folder.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
+           str(run.seed), "--data.seed", str(run.seed), "--trainer.default_root_dir", str(folder)]
+    last = sorted(folder.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
     return cmd + (["--ckpt_path", str(last[-1])] if last else []) + extra
 
 
@@ -62,16 +46,6 @@ def job_command(run: Run, out: str, extra: list[str]) -> str:
     """A shell line that runs just this pair through this script (so it writes run.json and skips if done)."""
     args = ["python", str(SCRIPT), "--configs", str(run.config), "--seeds", str(run.seed), "--out", out]
     return shlex.join(args + (["--", *extra] if extra else []))
-
-
-def execute(run: Run, extra: list[str]) -> int:
-    """Write ``run.json`` and run ``fit`` (its output goes to ``<folder>/fit.log``); returns the exit code."""
-    run.folder.mkdir(parents=True, exist_ok=True)
-    cmd = fit_command(run, extra)
-    meta = {"method": run.method, "seed": run.seed, "config": str(run.config), "command": shlex.join(cmd)}
-    (run.folder / "run.json").write_text(json.dumps(meta, indent=2))
-    with open(run.folder / "fit.log", "a") as log:
-        return subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT).returncode
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,25 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     try:
-        runs = plan(args.configs, args.seeds, args.out)
+        runs = plan(args.configs, args.seeds)
     except FileNotFoundError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    todo = [run for run in runs if not finished(run)]
+    todo = [run for run in runs if find_log_dir(run_dir(args.out, run)) is None]
     if args.print:
         for run in todo:
             print(job_command(run, args.out, extra))
         return 0
     print(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run", file=sys.stderr)
-    failed = []
-    for i, run in enumerate(todo, 1):
-        start = time.perf_counter()
-        code = execute(run, extra)
-        status = "ok" if code == 0 and finished(run) else f"FAILED (exit {code}, see {run.folder / 'fit.log'})"
-        print(f"[{i}/{len(todo)}] {run.method} seed {run.seed}: {status} in {time.perf_counter() - start:.0f} s",
-              file=sys.stderr)
-        if status != "ok":
-            failed.append(run)
+    failed = run_all(
+        todo, args.out, lambda run, folder: fit_command(run, folder, extra),
+        lambda run, cmd: {"method": run.method, "seed": run.seed, "config": str(run.config), "command": shlex.join(cmd)},
+        log_name="fit.log", meta_name="run.json", stream=sys.stderr)
     print(f"done; table: python -m moelora_lit report {args.out}", file=sys.stderr)
     return 1 if failed else 0
 

@@ -140,7 +140,14 @@ def test_layer_difference_and_tables(tmp_path):
     for (m, s), v in summaries.items():
         (tmp_path / f"{m}_seed{s}.json").write_text(json.dumps(v))
     assert routing.load_summaries(tmp_path).keys() == summaries.keys()
-    assert routing.short_layer_name("model.layers.3.self_attn.q_proj") == "3.q_proj"
+
+
+def test_plot_tick_labels_are_block_and_projection():
+    from moelora_lit.lightning.figures import short_layer_name
+
+    assert short_layer_name("model.layers.3.self_attn.q_proj") == "L3 q_proj"
+    assert short_layer_name("transformer.h.10.attn.c_attn") == "L10 c_attn"
+    assert short_layer_name("lm_head") == "lm_head"
 
 
 def test_plots_draw(tmp_path):

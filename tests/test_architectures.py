@@ -1,5 +1,5 @@
 """MoELoRA on tiny random Llama, Mistral, Qwen2, Phi-3, Phi and GPT-2 models built from their config
-classes: identity at init, adapter gradients, adapter round trip (DESIGN 5.5-5.6)."""
+classes: identity at init, adapter gradients, adapter round trip (docs/design.md §5.5-5.6)."""
 
 from __future__ import annotations
 

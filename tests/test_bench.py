@@ -51,7 +51,7 @@ def test_every_variant_has_timings_and_memory(report):
         assert positive_finite(row["first_step_ms"])                    # includes one-time compiling
     assert report["variants"]["peft_lora"]["step_time_ratio_vs_peft_lora"] == 1.0
     assert report["variants"]["base"]["trainable_params"] == 0
-    # MoELoRA has exactly LoRA's parameters plus the router (DESIGN 1.1)
+    # MoELoRA has exactly LoRA's parameters plus the router (docs/design.md §1.1)
     s = report["sizes"]
     router = s["experts"] * s["hidden"] * s["layers"] * len(s["targets"])
     lora = report["variants"]["peft_lora"]["trainable_params"]
@@ -77,7 +77,7 @@ def test_matmul_gflops_recorded(report):
 
 
 def test_quickstart_preset_is_the_quickstart_shape():
-    """presets.py's quickstart = experiments/quickstart.yaml on the embedded tiny base (issue 16)."""
+    """presets.py's quickstart = experiments/quickstart.yaml on the embedded tiny base."""
     import yaml
 
     sys.path.insert(0, str(ROOT / "benchmarks"))

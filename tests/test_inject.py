@@ -1,5 +1,5 @@
 """Injection into a tiny Llama, training properties, equality with PEFT LoRA, aux-loss collection and
-adapter save/load (DESIGN 1.5, 2 and 5)."""
+adapter save/load (docs/design.md §1.5, §2 and §5)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""MoELoRALinear and its routers (DESIGN 1.1-1.3): identity at init, gates, the per-expert formula,
+"""MoELoRALinear and its routers (docs/design.md §1.1-1.3): identity at init, gates, the per-expert formula,
 fixed-shape computation (no loop over experts, no host sync)."""
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def randomize(layer: MoELoRALinear, seed: int = 1) -> None:
 
 
 def reference_output(layer: MoELoRALinear, x: torch.Tensor, gates: torch.Tensor) -> torch.Tensor:
-    """DESIGN 1.1 with an explicit loop over experts: W0 x + sum_i g_i (alpha / s) B_i A_i x."""
+    """docs/design.md §1.1 with an explicit loop over experts: W0 x + sum_i g_i (alpha / s) B_i A_i x."""
     c = layer.config
     s = c.r // c.num_experts
     x_flat = x.reshape(-1, IN)

@@ -1,4 +1,4 @@
-"""MoELoRAModule and the CLI end to end: loss of DESIGN 1.5, TensorBoard tags, adapter-only checkpoints."""
+"""MoELoRAModule and the CLI end to end: loss of docs/design.md §1.5, TensorBoard tags, adapter-only checkpoints."""
 
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ def test_losses_are_task_plus_weighted_aux(tiny_base: str) -> None:
     ids = torch.randint(4, 300, (2, 12))
     batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": ids}
     first = module.compute_losses(batch)
-    assert first["contrastive_loss"] == 0  # empty queues on the first step (DESIGN 1.3)
+    assert first["contrastive_loss"] == 0  # empty queues on the first step (docs/design.md §1.3)
     second = module.compute_losses(batch)
     aux = collect_aux_losses(module.model)
     assert second["contrastive_loss"] > 0 and second["balance_loss"] > 0 and second["z_loss"] > 0
@@ -81,7 +81,7 @@ def test_fit_logs_every_tag_and_keeps_adapter_only_checkpoints(tiny_base: str, t
     for layer in ("model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj"):
         for stat in ("entropy", "load_cv", "max_load"):
             assert f"routing/{stat}/{layer}" in tags
-    # every logged total equals its parts (DESIGN 1.5), step by step
+    # every logged total equals its parts (docs/design.md §1.5), step by step
     parts = [tags[f"train/{k}"] for k in ("task_loss", "contrastive_loss", "balance_loss", "z_loss")]
     for total, *terms in zip(tags["train/loss"], *parts, strict=True):
         assert total == pytest.approx(sum(terms), rel=1e-5)

@@ -11,7 +11,8 @@ import pytest
 import yaml
 
 from moelora_lit.__main__ import main as cli_main
-from moelora_lit.eval.report import collect, mean_ci, summarise, t_critical
+from moelora_lit.eval.report import collect, summarise
+from moelora_lit.eval.stats import mean_ci, t_critical
 
 ACC = {  # method -> seed -> dataset -> accuracy
     "lora": {0: {"gsm8k": 0.30, "svamp": 0.50, "addsub": 0.80}, 1: {"gsm8k": 0.32, "svamp": 0.52, "addsub": 0.82},

@@ -41,16 +41,18 @@ def test_print_lists_unfinished_runs_only(tmp_path: Path, capsys) -> None:
 
 def test_fit_command_sets_seed_folder_and_resumes(tmp_path: Path) -> None:
     sweep = _sweep()
-    (run,) = sweep.plan([str(SMOKE)], [7], str(tmp_path))
-    cmd = sweep.fit_command(run, ["--trainer.max_steps", "2"])
+    (run,) = sweep.plan([str(SMOKE)], [7])
+    folder = sweep.run_dir(tmp_path, run)
+    assert folder == tmp_path / "smoke" / "seed7"
+    cmd = sweep.fit_command(run, folder, ["--trainer.max_steps", "2"])
     assert cmd[cmd.index("--seed_everything") + 1] == "7" and cmd[cmd.index("--data.seed") + 1] == "7"
-    assert cmd[cmd.index("--trainer.default_root_dir") + 1] == str(tmp_path / "smoke" / "seed7")
-    last = run.folder / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    assert cmd[cmd.index("--trainer.default_root_dir") + 1] == str(folder)
+    last = folder / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
     last.parent.mkdir(parents=True)
     last.write_bytes(b"")
-    assert sweep.fit_command(run, [])[-2:] == ["--ckpt_path", str(last)]
+    assert sweep.fit_command(run, folder, [])[-2:] == ["--ckpt_path", str(last)]
     with pytest.raises(FileNotFoundError):
-        sweep.plan(["nope.yaml"], [0], str(tmp_path))
+        sweep.plan(["nope.yaml"], [0])
 
 
 def test_one_real_run_then_skip_and_report(tmp_path: Path, capsys) -> None:

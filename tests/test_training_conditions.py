@@ -1,4 +1,4 @@
-"""Correct under real training conditions (issue 12): gradient checkpointing, DDP-consistent queues,
+"""Correct under real training conditions: gradient checkpointing, DDP-consistent queues,
 reproducible evaluation of the random router, and configurations that cannot train refused early."""
 
 from __future__ import annotations

@@ -12,9 +12,10 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moelora_lit.analysis.routing import paired_layer_difference, per_layer, short_layer_name
+from moelora_lit.analysis.routing import paired_layer_difference, per_layer
 from moelora_lit.analysis.runs import order
 from moelora_lit.analysis.stats import CHANCE, MEAN, REFERENCE, interval_table, paired_table, per_seed
+from moelora_lit.lightning.figures import short_layer_name
 
 
 def _plt() -> Any:

@@ -135,10 +135,3 @@ def paired_layer_difference(summaries: Mapping[tuple[str, int], Mapping[str, Any
         pairs = table.loc[layer][[a, b]].dropna()
         rows.append({"layer": layer} | paired_t(pairs[a], pairs[b]))
     return pd.DataFrame(rows)
-
-
-def short_layer_name(name: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``3.q_proj`` (block index and projection); other names unchanged."""
-    parts = name.split(".")
-    digits = [i for i, p in enumerate(parts) if p.isdigit()]
-    return f"{parts[digits[-1]]}.{parts[-1]}" if digits and digits[-1] < len(parts) - 1 else name

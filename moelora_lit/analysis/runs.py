@@ -1,13 +1,16 @@
-"""Running the ablation grid: one ``python -m moelora_lit fit`` per (method, learning rate, seed), and its rows.
+"""Running grids of training runs, one ``python -m moelora_lit fit`` each, skipping finished ones (:func:`run_all`,
+also behind ``scripts/sweep.py``), and the ablation grid: one run per (method, learning rate, seed), and its rows.
 
 Every run trains on the base config with the method's overrides, then tests on each task's **test** split and on
 its **validation** split (datasets ``val_<task>``), so the learning-rate sweep is scored on validation without ever
 looking at test. Its ``routing_probe.json`` (:class:`~moelora_lit.analysis.probe.RoutingProbe`) holds the
 per-example routing summary at step 0 and after training.
 
-Run layout: ``<out_dir>/<method>/lr<LR>/seed<S>/`` is one run's ``trainer.default_root_dir``; it holds ``run.log``
-(stdout and stderr), ``ablation_run.json`` (command, exit code, wall time) and Lightning's
-``lightning_logs/version_N/`` (``test_results.json``, ``routing_probe.json``, events, ``adapter/``).
+Run layout: ``<out_dir>/<method>/lr<LR>/seed<S>/`` (``<out_dir>/<method>/seed<S>/`` for a run without a grid
+learning rate) is one run's ``trainer.default_root_dir``; it holds the run's log (stdout and stderr), a JSON file
+of the run (method, seed, command, exit code, wall time) and Lightning's ``lightning_logs/version_N/``
+(``test_results.json``, ``routing_probe.json``, events, ``adapter/``). A run is finished when a
+``test_results.json`` exists under its folder.
 """
 
 from __future__ import annotations
@@ -20,16 +23,16 @@ import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 import pandas as pd
 
 from moelora_lit.data.synthetic import SYNTHETIC_TASKS, effective_n
+from moelora_lit.eval.report import Run
 
 _LORA = ["--model.adapter.num_experts=1", "--model.adapter.top_k=1", "--model.adapter.contrastive_weight=0",
          "--model.adapter.balance_weight=0", "--model.adapter.z_loss_weight=0"]
@@ -51,15 +54,6 @@ VAL_PREFIX = "val_"
 PROBE = "--trainer.callbacks+=moelora_lit.analysis.probe.RoutingProbe"
 
 
-@dataclass(frozen=True)
-class Run:
-    """One training run of the grid."""
-
-    method: str
-    lr: float
-    seed: int
-
-
 def order(names: Sequence[str]) -> list[str]:
     """Methods in :data:`METHODS` order, unknown names after them in first-seen order."""
     names = list(dict.fromkeys(names))
@@ -67,8 +61,10 @@ def order(names: Sequence[str]) -> list[str]:
 
 
 def run_dir(out_dir: str | os.PathLike, run: Run) -> Path:
-    """``<out_dir>/<method>/lr<LR>/seed<S>``: one run's ``trainer.default_root_dir``."""
-    return Path(out_dir) / run.method / f"lr{run.lr:g}" / f"seed{run.seed}"
+    """``<out_dir>/<method>/lr<LR>/seed<S>`` (no ``lr<LR>`` level when ``run.lr`` is None): one run's
+    ``trainer.default_root_dir``."""
+    lr = [] if run.lr is None else [f"lr{run.lr:g}"]
+    return Path(out_dir).joinpath(run.method, *lr, f"seed{run.seed}")
 
 
 def find_log_dir(root: str | os.PathLike, name: str = "test_results.json") -> Path | None:
@@ -167,12 +163,49 @@ def _run_in_process(args: list[str], log: Any) -> int:
 def run_grid(base_config: str | os.PathLike, out_dir: str | os.PathLike, runs: Sequence[Run],
              extra_args: Sequence[str] = (), jobs: int = 1, threads: int | None = None, isolate: bool = True,
              steps: int = -1, collect_only: bool = False) -> list[str]:
-    """Train and test every run (resumable: a run with a ``test_results.json`` is skipped; a failed one runs
-    again in a new ``version_N``). Prints one line per run. Returns the failures (empty when all finished).
+    """The ablation's runs through :func:`run_all`: each method's overrides on ``base_config`` plus the routing probe,
+    logging to ``run.log`` and ``ablation_run.json``; a line per run with its mean accuracies. ``steps`` is recorded
+    in the rows; the other arguments are :func:`run_all`'s."""
+    out = Path(out_dir).resolve()
 
-    ``isolate=False`` runs them one after another in this process (for tests: ``jobs`` and ``threads`` are then
-    ignored); ``threads`` sets ``OMP_NUM_THREADS`` of each run; ``steps`` is recorded in the rows;
-    ``collect_only`` trains nothing and reports the unfinished runs as failures.
+    def build(run: Run, root: Path) -> list[str]:
+        return command(str(base_config), root, run, [*method_overrides(run.method, base_config), PROBE], extra_args)
+
+    def meta(run: Run, cmd: list[str]) -> dict[str, Any]:
+        return {"method": run.method, "seed": run.seed, "lr": run.lr, "alpha": method_alpha(run.method, base_config),
+                "steps": steps, "command": cmd}
+
+    def summary(run: Run) -> str | None:
+        rows = run_rows(out, run)
+        accs = {s: [r["accuracy"] for r in rows if r["split"] == s] for s in ("validation", "test")}
+        return "  ".join(f"mean {s} {np.mean(a):.3f}" for s, a in accs.items() if a) if rows else None
+
+    return run_all(runs, out, build, meta, log_name="run.log", meta_name="ablation_run.json", summary=summary,
+                   jobs=jobs, threads=threads, isolate=isolate, collect_only=collect_only)
+
+
+def run_all(runs: Sequence[Run], out_dir: str | os.PathLike, build: Callable[[Run, Path], list[str]],
+            meta: Callable[[Run, list[str]], dict[str, Any]], log_name: str = "run.log",
+            meta_name: str = "run.json", summary: Callable[[Run], str | None] | None = None, jobs: int = 1,
+            threads: int | None = None, isolate: bool = True, collect_only: bool = False,
+            stream: TextIO | None = None) -> list[str]:
+    """Run every unfinished run's command in its folder (:func:`run_dir`), ``jobs`` at a time; one line per run.
+
+    Resumable: a run with a ``test_results.json`` is skipped; a failed one runs again. Each run's folder gets
+    ``meta_name`` (``meta(run, command)`` before the run, plus its exit code and wall time after) and its output
+    in ``log_name``.
+
+    Args:
+        build: the command of a run, given the run and its folder (``python -m moelora_lit fit ...``).
+        summary: what to print for a run that exited 0, or None if it left no results (a failure); default: "ok".
+        threads: ``OMP_NUM_THREADS`` of each run.
+        isolate: False runs them one after another in this process (for tests: ``jobs`` and ``threads`` are then
+            ignored; the command must start with ``python -m moelora_lit``).
+        collect_only: train nothing; report the unfinished runs as failures.
+        stream: where the lines go (default: stdout).
+
+    Returns:
+        The failures (empty when all finished).
     """
     out = Path(out_dir).resolve()
     env = dict(os.environ)
@@ -182,20 +215,26 @@ def run_grid(base_config: str | os.PathLike, out_dir: str | os.PathLike, runs: S
         env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     width = max([len(r.method) for r in runs] + [1])
 
+    def say(text: str) -> None:
+        print(text, file=stream or sys.stdout, flush=True)
+
     def one(index: int, run: Run) -> str | None:
-        label = (f"[{index + 1:>{len(str(len(runs)))}}/{len(runs)}] {run.method:<{width}} lr {run.lr:<8g} "
-                 f"seed {run.seed}")
+        lr = "" if run.lr is None else f" lr {run.lr:<8g}"
+        label = f"[{index + 1:>{len(str(len(runs)))}}/{len(runs)}] {run.method:<{width}}{lr} seed {run.seed}"
+        name = f"{run.method}{'' if run.lr is None else f' lr {run.lr:g}'} seed {run.seed}"
         root = run_dir(out, run)
         if find_log_dir(root) is not None:
-            print(f"{label}  skipped (test_results.json exists)", flush=True)
+            say(f"{label}  skipped (test_results.json exists)")
             return None
         if collect_only:
-            print(f"{label}  not finished (collect only)", flush=True)
-            return f"{run.method} lr {run.lr:g} seed {run.seed}: not finished"
+            say(f"{label}  not finished (collect only)")
+            return f"{name}: not finished"
         root.mkdir(parents=True, exist_ok=True)
-        cmd = command(str(base_config), root, run, [*method_overrides(run.method, base_config), PROBE], extra_args)
+        cmd = build(run, root)
+        info = meta(run, cmd)
+        (root / meta_name).write_text(json.dumps(info, indent=1))
         start = time.perf_counter()
-        with open(root / "run.log", "a") as log:
+        with open(root / log_name, "a") as log:
             log.write("$ " + " ".join(cmd) + "\n")
             log.flush()
             if isolate:
@@ -203,18 +242,14 @@ def run_grid(base_config: str | os.PathLike, out_dir: str | os.PathLike, runs: S
             else:
                 code = _run_in_process(cmd[3:], log)
         wall = time.perf_counter() - start
-        meta = {"method": run.method, "seed": run.seed, "lr": run.lr, "alpha": method_alpha(run.method, base_config),
-                "steps": steps, "command": cmd, "returncode": code, "wall_s": wall}
-        (root / "ablation_run.json").write_text(json.dumps(meta, indent=1))
-        rows = run_rows(out, run)
-        if code != 0 or not rows:
-            tail = "".join((root / "run.log").read_text().splitlines(keepends=True)[-15:])
-            print(f"{label}  FAILED (exit {code}) after {wall:.1f} s; last lines of {root / 'run.log'}:\n{tail}",
-                  flush=True)
-            return f"{run.method} lr {run.lr:g} seed {run.seed}: exit {code}, see {root / 'run.log'}"
-        accs = {s: [r["accuracy"] for r in rows if r["split"] == s] for s in ("validation", "test")}
-        scores = "  ".join(f"mean {s} {np.mean(a):.3f}" for s, a in accs.items() if a)
-        print(f"{label}  {wall:7.1f} s  {scores}", flush=True)
+        (root / meta_name).write_text(json.dumps(info | {"returncode": code, "wall_s": wall}, indent=1))
+        done = find_log_dir(root) is not None
+        scores = (summary(run) if summary is not None else "ok") if done else None
+        if code != 0 or scores is None:
+            tail = "".join((root / log_name).read_text().splitlines(keepends=True)[-15:])
+            say(f"{label}  FAILED (exit {code}) after {wall:.1f} s; last lines of {root / log_name}:\n{tail}")
+            return f"{name}: exit {code}, see {root / log_name}"
+        say(f"{label}  {wall:7.1f} s  {scores}")
         return None
 
     with ThreadPoolExecutor(max_workers=max(1, jobs) if isolate else 1) as pool:

@@ -6,11 +6,10 @@ math on GSM8K, AQuA, MAWPS and SVAMP only, because math_10k contains MAWPS train
 and SingleEq are contaminated). Trained with ``finetune.py`` and scored by ``evaluate.py`` /
 ``commonsense_evaluate.py`` (4 beams): ``model.answer_protocol: llm_adapters`` here. The LoRA setting of those rows,
 r=32, alpha=64 on q,k,v,up,down (``llama7b_*_lora_llm_adapters`` here), is not written in that README; it is the
-setting later work reproducing these rows uses (e.g. the DoRA repository's commonsense scripts) and the one the
-issue that added this file names.
+setting later work reproducing these rows uses (e.g. the DoRA repository's commonsense scripts).
 
-The MoELoRA paper (arXiv 2402.12851) reports per-dataset accuracies in its tables; those could not be read from a
-source available while writing this file, so none is stored. Its abstract's summary figure is kept as a claim.
+The MoELoRA paper (arXiv 2402.12851) reports per-dataset accuracies in its tables; no readable source of those
+tables is at hand, so none is stored. Its abstract's summary figure is kept as a claim.
 """
 
 from __future__ import annotations

@@ -22,35 +22,37 @@ from typing import Any
 import yaml
 
 from moelora_lit.eval.published import CLAIMS, published_for
+from moelora_lit.eval.stats import mean_ci
 
 CONTAMINATED = {"addsub", "multiarith", "singleeq"}  # MAWPS rows are in math_10k (LLM-Adapters' announcement)
 
 
-@dataclass
+@dataclass(frozen=True)
 class Run:
-    """One test run: accuracies in [0, 1] per dataset plus its evaluation settings."""
+    """One training run, as ``scripts/sweep.py``, the ablation (:mod:`moelora_lit.analysis.runs`) and this report
+    name it.
+
+    Attributes:
+        method: the method's name: an experiment config's file stem (sweeps), an ablation method, or what
+            ``run.json`` / ``config.yaml`` say (report).
+        lr: the learning rate of an ablation grid run; None where the config sets it.
+        seed: ``seed_everything`` (None when unknown).
+        config: the experiment config a sweep run starts from; None otherwise.
+    """
 
     method: str
+    lr: float | None
     seed: int | None
+    config: Path | None = None
+
+
+@dataclass
+class RunResults:
+    """A finished run's ``test_results.json``: accuracies in [0, 1] per dataset plus its evaluation settings."""
+
+    run: Run
     path: Path
     results: dict[str, dict[str, Any]]
-
-
-def t_critical(df: int) -> float:
-    """Two-sided 95% Student-t quantile (numpy only, :func:`moelora_lit.analysis.stats.t_quantile`)."""
-    from moelora_lit.analysis.stats import t_quantile
-
-    return t_quantile(0.975, df)
-
-
-def mean_ci(values: list[float]) -> tuple[float, float]:
-    """Mean and the half-width of its 95% t interval (nan for a single value)."""
-    n = len(values)
-    mean = sum(values) / n
-    if n < 2:
-        return mean, math.nan
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    return mean, t_critical(n - 1) * sd / math.sqrt(n)
 
 
 def _method_from_config(config: dict) -> str:
@@ -66,7 +68,7 @@ def _method_from_config(config: dict) -> str:
     return f"{name} [{targets}]"
 
 
-def load_run(results_path: Path, top: Path) -> Run:
+def load_run(results_path: Path, top: Path) -> RunResults:
     """Read one ``test_results.json`` with its ``run.json`` (searched up to ``top``) or ``config.yaml``."""
     results = json.loads(results_path.read_text())
     meta: dict[str, Any] = {}
@@ -80,12 +82,13 @@ def load_run(results_path: Path, top: Path) -> Run:
     config = yaml.safe_load(config_path.read_text()) if config_path.is_file() else {}
     method = meta.get("method") or (_method_from_config(config) if config else results_path.parent.name)
     seed = meta.get("seed", config.get("seed_everything") if config else None)
-    return Run(method=str(method), seed=None if seed is None else int(seed), path=results_path, results=results)
+    run = Run(method=str(method), lr=None, seed=None if seed is None else int(seed))
+    return RunResults(run=run, path=results_path, results=results)
 
 
-def collect(run_dirs: list[str | Path]) -> list[Run]:
+def collect(run_dirs: list[str | Path]) -> list[RunResults]:
     """Every run under ``run_dirs``; of two runs with the same method and seed the newer one is kept."""
-    runs: dict[tuple[str, int | None], Run] = {}
+    runs: dict[tuple[str, int | None], RunResults] = {}
     for top in map(Path, run_dirs):
         if not top.exists():
             raise FileNotFoundError(f"{top}: no such folder")
@@ -93,33 +96,33 @@ def collect(run_dirs: list[str | Path]) -> list[Run]:
         if not found:
             raise FileNotFoundError(f"{top}: no test_results.json under it (run fit or test first)")
         for path in found:
-            run = load_run(path, top)
-            key = (run.method, run.seed)
-            if key in runs and run.seed is not None:
-                print(f"note: {run.method} seed {run.seed}: {path} replaces {runs[key].path}", file=sys.stderr)
-            runs[key if run.seed is not None else (run.method, len(runs))] = run
+            found_run = load_run(path, top)
+            method, seed = found_run.run.method, found_run.run.seed
+            if (method, seed) in runs and seed is not None:
+                print(f"note: {method} seed {seed}: {path} replaces {runs[method, seed].path}", file=sys.stderr)
+            runs[(method, seed) if seed is not None else (method, len(runs))] = found_run
     return list(runs.values())
 
 
-def summarise(runs: list[Run]) -> list[dict[str, Any]]:
+def summarise(runs: list[RunResults]) -> list[dict[str, Any]]:
     """One row per (method, dataset) plus a per-method ``average`` row: the mean over its datasets except the
     contaminated ones, seed by seed (so its interval is over seeds too)."""
-    by_method: dict[str, list[Run]] = {}
-    for run in runs:
-        by_method.setdefault(run.method, []).append(run)
+    by_method: dict[str, list[RunResults]] = {}
+    for found_run in runs:
+        by_method.setdefault(found_run.run.method, []).append(found_run)
     rows = []
     for method, group in by_method.items():
         datasets = list(dict.fromkeys(d for run in group for d in run.results))
         for dataset in datasets:
             values = [100 * run.results[dataset]["accuracy"] for run in group if dataset in run.results]
-            seeds = [run.seed for run in group if dataset in run.results]
+            seeds = [run.run.seed for run in group if dataset in run.results]
             rows.append(_row(method, dataset, values, seeds, [r.results[dataset] for r in group
                                                                if dataset in r.results]))
         clean = [d for d in datasets if d not in CONTAMINATED]
         complete = [run for run in group if all(d in run.results for d in clean)]
         if len(clean) > 1 and complete:
             values = [100 * sum(run.results[d]["accuracy"] for d in clean) / len(clean) for run in complete]
-            rows.append(_row(method, "average", values, [r.seed for r in complete], []))
+            rows.append(_row(method, "average", values, [r.run.seed for r in complete], []))
     return rows
 
 

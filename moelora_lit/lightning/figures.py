@@ -50,7 +50,8 @@ def heatmap_grid(matrix: np.ndarray, vmax: float, cell: tuple[int, int] = (8, 24
 
 
 def short_layer_name(name: str) -> str:
-    """``model.layers.3.self_attn.q_proj`` -> ``L3 q_proj``: block index and projection, what a heatmap row needs."""
+    """``model.layers.3.self_attn.q_proj`` -> ``L3 q_proj`` (``transformer.h.0.attn.c_attn`` -> ``L0 c_attn``): block
+    index and projection, what a heatmap row or an axis tick needs; a name without a block index is kept whole."""
     match = re.search(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.(?:.*\.)?([^.]+)$", name)
     return f"L{match.group(1)} {match.group(2)}" if match else name
 

@@ -1,4 +1,4 @@
-"""The LightningModule: base model + MoELoRA, the total loss of DESIGN 1.5, evaluation by generation."""
+"""The LightningModule: base model + MoELoRA, the total loss of docs/design.md §1.5, evaluation by generation."""
 
 from __future__ import annotations
 
@@ -27,8 +27,8 @@ from moelora_lit.inject import collect_aux_losses, inject_moelora, matches, push
 from moelora_lit.lightning.generation import generate_texts
 from moelora_lit.models.loading import (
     DEFAULT_BASE,
-    DTYPES,
     build_meta_model,
+    check_dtype,
     load_base_model,
     load_tokenizer,
     resolve_base,
@@ -89,8 +89,7 @@ class MoELoRAModule(L.LightningModule):
         quantization: str = "none",
     ) -> None:
         super().__init__()
-        if torch_dtype not in DTYPES:
-            raise ValueError(f"model.torch_dtype={torch_dtype!r}: choose one of {', '.join(DTYPES)}")
+        check_dtype(torch_dtype)
         if answer_protocol not in PROTOCOLS:
             raise ValueError(f"model.answer_protocol={answer_protocol!r}: choose one of {', '.join(PROTOCOLS)}")
         if isinstance(num_beams, bool) or not isinstance(num_beams, int) or num_beams < 1:
@@ -161,7 +160,7 @@ class MoELoRAModule(L.LightningModule):
 
     # -------------------------------------------------------------------------------- training
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
-        """``L = L_task + w_cl sum L_cl + w_bal sum L_bal + w_z sum L_z`` (DESIGN 1.5)."""
+        """``L = L_task + w_cl sum L_cl + w_bal sum L_bal + w_z sum L_z`` (docs/design.md §1.5)."""
         out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
         aux = collect_aux_losses(self.model)
         loss = out.loss + aux["contrastive"] + aux["balance"] + aux["z"]
@@ -178,7 +177,7 @@ class MoELoRAModule(L.LightningModule):
         return losses["loss"]
 
     def on_after_backward(self) -> None:
-        """Push this micro-batch's contrastive anchors into the queues (DESIGN 1.3), after backward so that a
+        """Push this micro-batch's contrastive anchors into the queues (docs/design.md §1.3), after backward so that a
         forward recomputed by gradient checkpointing saw the same queue. Under DDP every rank pushes all ranks'
         anchors in rank order, so the queues stay bit-identical (and DDP's buffer broadcast changes nothing)."""
         if self.model is None or self.adapter_config.contrastive_weight <= 0:

@@ -1,4 +1,4 @@
-"""Routing statistics: gate entropy, expert load and per-dataset expert use, logged to TensorBoard (DESIGN 3).
+"""Routing statistics: gate entropy, expert load and per-dataset expert use, logged to TensorBoard (docs/design.md §3).
 
 The per-step work is a handful of tiny on-device reductions over all layers at once (no host sync);
 the accumulators are reduced across ranks and turned into scalars only once per logging interval.
@@ -51,7 +51,7 @@ def load_cv(shares: Tensor) -> Tensor:
     """Coefficient of variation over experts: population std (``unbiased=False``) / mean of the last dim.
 
     0 for a perfectly balanced router, ``sqrt(N - 1)`` when one expert takes everything. (The cv2
-    balance loss of DESIGN 1.4 uses the unbiased variance instead; this statistic is for monitoring.)
+    balance loss of docs/design.md §1.4 uses the unbiased variance instead; this statistic is for monitoring.)
     """
     mean = shares.mean(-1)
     return shares.std(-1, correction=0) / mean.clamp_min(torch.finfo(torch.float32).tiny)
@@ -106,7 +106,7 @@ def _tag_name(name: str) -> str:
 
 
 class RoutingStatsCallback(L.Callback):
-    """Logs MoELoRA routing statistics (DESIGN 3, "Callbacks").
+    """Logs MoELoRA routing statistics (docs/design.md §3, "Callbacks").
 
     Training (every ``log_every_n_steps`` optimizer steps, accumulated over the interval and summed
     across ranks): ``routing/entropy/<layer>`` (mean gate entropy per real token), ``routing/load_cv/<layer>``

@@ -19,6 +19,17 @@ DEFAULT_BASE = "moelora_lit/assets/tiny-base"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "auto": "auto"}
 
 
+def check_dtype(torch_dtype: str) -> None:
+    """Refuse a ``model.torch_dtype`` that is not one of :data:`DTYPES`."""
+    if torch_dtype not in DTYPES:
+        raise ValueError(f"model.torch_dtype={torch_dtype!r}: choose one of {', '.join(DTYPES)}")
+
+
+def _remote_code_error(base_model: str) -> ValueError:
+    return ValueError(f"model.base_model={base_model!r} ships its own Python code; set model.trust_remote_code=true "
+                      "only if you trust it (docs/security.md)")
+
+
 def packaged_path(name: str) -> str:
     """``moelora_lit/assets/...`` resolved against the installed package when it is not under the cwd."""
     if name.startswith("moelora_lit/") and not os.path.exists(name):
@@ -49,8 +60,7 @@ def resolve_base_model(name: str, trust_remote_code: bool = False, model_config:
         AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     except ValueError as err:
         if "trust_remote_code" in str(err):
-            raise ValueError(f"model.base_model={name!r} ships its own Python code; set model.trust_remote_code=true "
-                             "only if you trust it (docs/security.md)") from None
+            raise _remote_code_error(name) from None
         raise FileNotFoundError(f"model.base_model={name!r}: {str(err).splitlines()[0][:200]}") from err
     except OSError as err:
         raise FileNotFoundError(
@@ -88,8 +98,7 @@ def _config(base_model: str, model_config: dict | None, trust_remote_code: bool,
     except ValueError as err:
         if "trust_remote_code" not in str(err):
             raise
-        raise ValueError(f"model.base_model={base_model!r} ships its own Python code; set "
-                         "model.trust_remote_code=true only if you trust it (docs/security.md)") from None
+        raise _remote_code_error(base_model) from None
 
 
 def build_meta_model(base_model: str, model_config: dict | None = None, trust_remote_code: bool = False,
@@ -107,8 +116,7 @@ def load_base_model(base_model: str, model_config: dict | None = None, torch_dty
                     quantization: str = "none") -> nn.Module:
     """Pretrained weights from ``base_model`` (a HF folder / hub id, or the folder of ``gguf_file``),
     optionally quantised with bitsandbytes, or a freshly initialised ``model_config`` architecture."""
-    if torch_dtype not in DTYPES:
-        raise ValueError(f"model.torch_dtype={torch_dtype!r}: choose one of {', '.join(DTYPES)}")
+    check_dtype(torch_dtype)
     check_quantization(quantization)
     dtype = DTYPES[torch_dtype]
     if model_config is not None:

@@ -1,4 +1,4 @@
-"""MoELoRAConfig: validation names the bad field, dict round trip refuses unknown keys (DESIGN 2)."""
+"""MoELoRAConfig: validation names the bad field, dict round trip refuses unknown keys (docs/design.md §2)."""
 
 from __future__ import annotations
 
@@ -37,6 +37,8 @@ def test_expert_rank_and_scaling_use_per_expert_rank():
         (dict(router="switch"), "router"),
         (dict(balance_loss="l2"), "balance_loss"),
         (dict(aux_reduction="max"), "aux_reduction"),
+        (dict(contrastive_kernel="inductor"), "contrastive_kernel"),
+        (dict(contrastive_compact_cpu="yes"), "contrastive_compact_cpu"),
         (dict(contrastive_weight=-0.01), "contrastive_weight"),
         (dict(balance_weight=-1.0), "balance_weight"),
         (dict(z_loss_weight=-1e-3), "z_loss_weight"),

@@ -34,7 +34,7 @@ TASKS = {  # task -> (train set, its file stem as `data prepare` writes it, test
 AUTHOR = dict(r=32, num_experts=8, top_k=2, lora_alpha=32.0, lora_dropout=0.1, target_modules=["q_proj", "v_proj"],
               router="topk", contrastive_weight=0.01, contrastive_temperature=0.07, contrastive_queue_size=128,
               balance_loss="cv2", balance_weight=0.01, z_loss_weight=0.0, aux_reduction="sum",
-              contrastive_max_anchors=None)
+              contrastive_max_anchors=None, contrastive_kernel="auto", contrastive_compact_cpu=True)
 VARIANTS = {  # file suffix -> the adapter fields that differ from AUTHOR (r=32, 8 experts, top-2)
     "moelora": {},
     "moelora_r8": {"r": 8},
