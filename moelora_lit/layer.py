@@ -187,8 +187,8 @@ class MoELoRALinear(nn.Module):
         return result
 
     def _aux(self, a: Tensor, gates: Tensor, chosen: Tensor, logits: Tensor | None, mask: Tensor | None) -> None:
-        """Records this forward's inputs of the auxiliary terms of docs/design.md §1.3-1.4 in :attr:`aux_group`, which computes
-        them into :attr:`aux_losses` (and the anchors into :attr:`pending`) when they are first read."""
+        """Records this forward's inputs of the auxiliary terms of docs/design.md §1.3-1.4 in :attr:`aux_group`,
+        which computes them into :attr:`aux_losses` (and the anchors into :attr:`pending`) when they are first read."""
         c = self.config
         # Gradient checkpointing re-running this forward inside backward: the same ops (their saved tensors must
         # match the first run's), but the terms were already used, so nothing is recorded or pushed.

@@ -67,10 +67,11 @@ def main(argv: list[str] | None = None) -> int:
             print(job_command(run, args.out, extra))
         return 0
     print(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run", file=sys.stderr)
-    failed = run_all(
-        todo, args.out, lambda run, folder: fit_command(run, folder, extra),
-        lambda run, cmd: {"method": run.method, "seed": run.seed, "config": str(run.config), "command": shlex.join(cmd)},
-        log_name="fit.log", meta_name="run.json", stream=sys.stderr)
+    def meta(run: Run, cmd: list[str]) -> dict:
+        return {"method": run.method, "seed": run.seed, "config": str(run.config), "command": shlex.join(cmd)}
+
+    failed = run_all(todo, args.out, lambda run, folder: fit_command(run, folder, extra), meta, log_name="fit.log",
+                     meta_name="run.json", stream=sys.stderr)
     print(f"done; table: python -m moelora_lit report {args.out}", file=sys.stderr)
     return 1 if failed else 0
 
