@@ -6,8 +6,8 @@ softmax-weighted mean entry ``sum_c softmax_c * k_c``. With s = 4 and C = 1024 (
 the work is millions of tiny dot products and exps per layer, which no matmul library runs well. Three ways, in
 order of preference on CPU in float32 (others: the matmul path):
 
-- :func:`bounded_softmax_moments`, compiled by TorchInductor (:func:`compiled`): one C++ loop per anchor keeps the
-  logit, exp, sum and the s weighted sums in registers. 3.3x faster than the next option at s=4 (0.9 vs 3.0 ms
+- :func:`bounded_softmax_moments`, compiled by TorchInductor (:class:`CompiledKernels`): one C++ loop per anchor
+  keeps the logit, exp, sum and the s weighted sums in registers. 3.3x faster than the next option at s=4 (0.9 vs 3.0 ms
   for 2176 anchors x 1024 entries, 1 thread). The whole layer term (normalise, gather, loss, closed-form gradient)
   and the queue push are compiled, once per process and layer shape, in 2-5 s (Inductor caches the C++ on disk);
   only the anchor count is a dynamic size. Needs a C++ compiler.
