@@ -24,80 +24,11 @@ from moelora_lit.lightning.figures import (
     heatmap_image,
     tensorboard_writer,
 )
+from moelora_lit.routing_stats import RoutingAccumulator, gate_entropy, load_cv, load_shares
+
+__all__ = ["RoutingAccumulator", "RoutingStatsCallback", "gate_entropy", "load_cv", "load_shares"]
 
 _DATASET_NAMES = {"validate": "val_names", "test": "test_names"}
-
-
-def gate_entropy(gates: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """Sum over real tokens of the gate entropy ``-sum_i g log g`` (0 log 0 = 0), and the real-token count.
-
-    ``gates`` (..., T, N); ``mask`` (..., T) bool of real tokens or None (all real). Returns two (...) tensors.
-    """
-    g = gates.float()
-    entropy = -torch.special.xlogy(g, g).sum(-1)                         # (..., T)
-    if mask is None:
-        return entropy.sum(-1), torch.full(entropy.shape[:-1], float(g.shape[-2]), device=g.device)
-    w = mask.to(torch.float32).expand_as(entropy)
-    return (entropy * w).sum(-1), w.sum(-1)
-
-
-def load_shares(gate_sum: Tensor) -> Tensor:
-    """Load share per expert, ``share_i = sum_t g[t,i] / sum_t sum_j g[t,j]`` (zeros where nothing was routed)."""
-    gate_sum = gate_sum.float()
-    return gate_sum / gate_sum.sum(-1, keepdim=True).clamp_min(torch.finfo(torch.float32).tiny)
-
-
-def load_cv(shares: Tensor) -> Tensor:
-    """Coefficient of variation over experts: population std (``unbiased=False``) / mean of the last dim.
-
-    0 for a perfectly balanced router, ``sqrt(N - 1)`` when one expert takes everything. (The cv2
-    balance loss of docs/design.md §1.4 uses the unbiased variance instead; this statistic is for monitoring.)
-    """
-    mean = shares.mean(-1)
-    return shares.std(-1, correction=0) / mean.clamp_min(torch.finfo(torch.float32).tiny)
-
-
-class RoutingAccumulator:
-    """On-device running sums of routing statistics for L layers x N experts.
-
-    Holds ``gate_sum`` (L, N) summed gates, ``routed`` (L, N) routed-slot counts (gates > 0),
-    ``entropy_sum`` (L,) summed token entropies and ``count`` (L,) real tokens, all float32.
-    """
-
-    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str | None = None) -> None:
-        self.num_layers, self.num_experts = num_layers, num_experts
-        self.packed = torch.zeros(num_layers, 2 * num_experts + 2, device=device)   # one tensor: one all-reduce
-        n = num_experts
-        self.gate_sum, self.routed = self.packed[:, :n], self.packed[:, n:2 * n]
-        self.entropy_sum, self.count = self.packed[:, 2 * n], self.packed[:, 2 * n + 1]
-
-    def update(self, gates: Tensor, mask: Tensor | None = None, layer: int | slice = slice(None)) -> None:
-        """Add gates (T, N) of one layer (``layer`` an int) or (L', T, N) of layers ``layer`` (a slice)."""
-        g = gates.float()
-        ent, cnt = gate_entropy(g, mask)
-        if mask is None:
-            gate_sum, routed = g.sum(-2), (g > 0).sum(-2, dtype=torch.float32)
-        else:
-            w = mask.to(torch.float32)[..., None]                               # (..., T, 1)
-            gate_sum, routed = (g * w).sum(-2), ((g > 0) * w).sum(-2)
-        self.gate_sum[layer] += gate_sum
-        self.routed[layer] += routed
-        self.entropy_sum[layer] += ent
-        self.count[layer] += cnt
-
-    def reset(self) -> None:
-        self.packed.zero_()
-
-    def load(self, packed: Tensor) -> None:
-        """Replace the sums with ``packed`` (e.g. the cross-rank sum of :attr:`packed`)."""
-        self.packed.copy_(packed)
-
-    def stats(self) -> dict[str, Tensor]:
-        """``entropy`` (L,) mean per real token, ``load`` (L, N) shares, ``cv``/``max``/``min`` (L,) of the
-        shares, ``routed`` (L, N) share of routed (token, slot) pairs per expert."""
-        shares = load_shares(self.gate_sum)
-        return {"entropy": self.entropy_sum / self.count.clamp_min(1), "load": shares, "cv": load_cv(shares),
-                "max": shares.amax(-1), "min": shares.amin(-1), "routed": load_shares(self.routed)}
 
 
 def _tag_name(name: str) -> str:
