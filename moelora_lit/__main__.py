@@ -34,6 +34,7 @@ from moelora_lit.lightning.fault_tolerance import FaultTolerance
 from moelora_lit.lightning.figures import ProgressBar
 from moelora_lit.lightning.module import MoELoRAModule
 from moelora_lit.lightning.routing import RoutingStatsCallback
+from moelora_lit.lightning.sharding import prepare_strategy
 from moelora_lit.models.gguf import tokenizer_reference
 
 SUBCOMMANDS = ("fit", "validate", "test", "predict")
@@ -92,6 +93,7 @@ class MoELoRACLI(LightningCLI):
     def after_instantiate_classes(self) -> None:
         if self.subcommand is not None:
             check_output_dirs(self.trainer)  # before any weights load or data is tokenised
+            prepare_strategy(self.trainer)  # ModelParallelStrategy's "auto" sizes -> FSDP2 data parallelism
             check_optimizer(self.model)
 
     def before_fit(self) -> None:

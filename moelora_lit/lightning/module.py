@@ -25,6 +25,7 @@ from moelora_lit.config import MoELoRAConfig
 from moelora_lit.eval.answers import PROTOCOLS, extract_answer, is_correct
 from moelora_lit.inject import collect_aux_losses, inject_moelora, matches, push_queues, set_token_mask
 from moelora_lit.lightning.generation import generate_texts
+from moelora_lit.lightning.sharding import checkpoint_state_dict, full_adapter_tensors, shard_model
 from moelora_lit.models.loading import (
     DEFAULT_BASE,
     build_meta_model,
@@ -149,6 +150,7 @@ class MoELoRAModule(L.LightningModule):
             else:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         self.model = model
+        shard_model(self)  # FSDP2 under ModelParallelStrategy; refuses strategies that cannot train correctly
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor, labels: Tensor | None = None) -> Any:
         set_token_mask(self.model, attention_mask)
@@ -303,20 +305,25 @@ class MoELoRAModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Export the trained adapter to ``<log_dir>/adapter`` (what ``model.init_adapter`` reads)."""
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank
-        if self.trainer.is_global_zero and self.model is not None:
-            self.export_adapter(log_dir / "adapter")
+        if self.model is None:
+            return
+        with full_adapter_tensors(self.model):  # whole tensors when sharded (a collective: every rank)
+            if self.trainer.is_global_zero:
+                self.export_adapter(log_dir / "adapter")
 
     # ----------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only adapter tensors and router queues: never the frozen base."""
-        checkpoint["state_dict"] = {f"model.{k}": v for k, v in
-                                    adapter_state_dict(self.model, include_queues=True).items()}
+        with full_adapter_tensors(self.model):  # whole tensors when sharded (a collective: every rank)
+            state = adapter_state_dict(self.model, include_queues=True)
+        checkpoint["state_dict"] = {f"model.{k}": v for k, v in state.items()}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
-        state = {k.removeprefix("model."): v for k, v in checkpoint.get("state_dict", {}).items()}
+        state = {k.removeprefix("model."): v for k, v in checkpoint_state_dict(self, checkpoint).items()}
         queues_missing = not any(k.rsplit(".", 1)[-1].startswith(QUEUE_PREFIX) for k in state)
-        load_adapter_state_dict(self.model, state, source="checkpoint")
+        with full_adapter_tensors(self.model, write_back=True):
+            load_adapter_state_dict(self.model, state, source="checkpoint")
         if queues_missing and self.adapter_config.contrastive_weight > 0:
             raise ValueError("checkpoint has no contrastive queues; it was not written by MoELoRAModule")
         checkpoint["state_dict"] = {}
