@@ -23,7 +23,6 @@ from moelora_lit.layer import MoELoRALinear
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter.safetensors"
-QUEUE_PREFIX = "contrastive_queue"  # shared start of MoELoRALinear.queue_tensor_names; prefer is_queue_tensor
 
 
 def is_queue_tensor(key: str) -> bool:

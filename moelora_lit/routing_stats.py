@@ -1,6 +1,6 @@
 """Routing statistics without Lightning: gate entropy, expert load shares and their spread, and an on-device
-accumulator of them over layers and steps (docs/design.md §3). Both the Lightning callback and the Hugging Face integration
-read these."""
+accumulator of them over layers and steps (docs/design.md §3). Both the Lightning callback and the Hugging Face
+integration read these."""
 
 from __future__ import annotations
 

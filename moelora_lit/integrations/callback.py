@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from transformers import TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from moelora_lit.adapter_io import ADAPTER_WEIGHTS, QUEUE_PREFIX, adapter_state_dict, save_adapter
+from moelora_lit.adapter_io import ADAPTER_WEIGHTS, adapter_state_dict, is_queue_tensor, save_adapter
 from moelora_lit.inject import check_checkpointing, moelora_layers
 from moelora_lit.routing_stats import RoutingAccumulator
 
@@ -24,7 +24,7 @@ QUEUES_FILE = "moelora_queues.safetensors"
 def queue_state_dict(model: nn.Module) -> dict[str, Tensor]:
     """The contrastive queues (ring buffers, pointers, counts) of every MoELoRA layer, by full buffer name."""
     return {k: v for k, v in adapter_state_dict(model, include_queues=True).items()
-            if k.rsplit(".", 1)[-1].startswith(QUEUE_PREFIX)}
+            if is_queue_tensor(k)}
 
 
 class MoELoRACallback(TrainerCallback):

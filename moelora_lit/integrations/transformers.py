@@ -99,7 +99,7 @@ class MoELoRATrainerMixin:
 
     def compute_loss(self, model: nn.Module, inputs: dict[str, Any], return_outputs: bool = False,
                      num_items_in_batch: Tensor | int | None = None) -> Any:
-        """``L = L_task + w_cl sum L_cl + w_bal sum L_bal + w_z sum L_z`` (docs/design.md §1.5) in training; ``L_task`` else.
+        """``L = L_task + w_cl sum L_cl + w_bal sum L_bal + w_z sum L_z`` (docs/design.md §1.5) in training.
 
         The auxiliary terms are per-micro-batch means: when the task loss is normalised over the accumulated batch
         they are divided by the accumulation steps (``training_step`` then divides nothing), otherwise
@@ -124,9 +124,9 @@ class MoELoRATrainerMixin:
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Tensor | int | None = None) -> Tensor:
-        """The Trainer's step, then this micro-batch's anchors into the queues (docs/design.md §1.3), after backward so that a
-        forward recomputed by gradient checkpointing saw the same queue. Under DDP every rank pushes all ranks'
-        anchors in rank order, so the queues stay identical everywhere."""
+        """The Trainer's step, then this micro-batch's anchors into the queues (docs/design.md §1.3), after
+        backward so that a forward recomputed by gradient checkpointing saw the same queue. Under DDP every rank
+        pushes all ranks' anchors in rank order, so the queues stay identical everywhere."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         core = self.model
         if core.moelora_config.contrastive_weight > 0:

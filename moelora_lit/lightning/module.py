@@ -14,8 +14,8 @@ from torch import Tensor, nn
 from torchmetrics import SumMetric
 
 from moelora_lit.adapter_io import (
-    QUEUE_PREFIX,
     adapter_state_dict,
+    is_queue_tensor,
     load_adapter,
     load_adapter_state_dict,
     read_adapter_config,
@@ -321,7 +321,7 @@ class MoELoRAModule(L.LightningModule):
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.configure_model()
         state = {k.removeprefix("model."): v for k, v in checkpoint_state_dict(self, checkpoint).items()}
-        queues_missing = not any(k.rsplit(".", 1)[-1].startswith(QUEUE_PREFIX) for k in state)
+        queues_missing = not any(is_queue_tensor(k) for k in state)
         with full_adapter_tensors(self.model, write_back=True):
             load_adapter_state_dict(self.model, state, source="checkpoint")
         if queues_missing and self.adapter_config.contrastive_weight > 0:

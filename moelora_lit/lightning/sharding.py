@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from moelora_lit.adapter_io import ADAPTER_PREFIXES
 from moelora_lit.inject import moelora_layers
 
 FSDP2_HINT = ('trainer.strategy={"class_path": "lightning.pytorch.strategies.ModelParallelStrategy"} '
@@ -118,7 +117,7 @@ def full_adapter_tensors(model: nn.Module, write_back: bool = False) -> Iterator
     swapped: list[tuple[nn.Module, str, DTensor]] = []
     for _, layer in moelora_layers(model):
         for child_name, child in layer.named_children():
-            if not child_name.startswith(ADAPTER_PREFIXES):
+            if child_name not in layer.adapter_module_names:
                 continue
             for name, param in list(child._parameters.items()):
                 if isinstance(param, DTensor):
