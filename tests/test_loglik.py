@@ -113,15 +113,24 @@ def test_batched_scores_equal_one_sequence_at_a_time() -> None:
     assert picks([-3.0, -2.0, -2.0], [1, 1, 10]) == (1, 2)  # acc: ties to the first; acc_norm: per character
 
 
-def test_questions_batched_in_chunks_give_the_same_scores() -> None:
+def test_shared_context_and_chunks_give_the_same_scores() -> None:
+    """The context computed once (KV cache repeated per option) equals each option's full sequence, in any chunking;
+    WinoGrande's different contexts take the full-sequence path in the same call."""
     from moelora_lit.models.loading import load_tokenizer
 
     tok = load_tokenizer(TINY)
     model = tiny_llama(vocab_size=len(tok))
     requests = [harness_requests(parse_question("arc_e", r["instruction"], r["answer"])) for r in arc_rows(6)]
-    whole = score_questions(model, tok, requests, max_sequences=64)
-    chunked = score_questions(model, tok, requests, max_sequences=4)  # one question (4 options) per forward
-    assert torch.allclose(torch.tensor(whole), torch.tensor(chunked), atol=1e-4)
+    requests.append(harness_requests(parse_question("winogrande", "Please choose the correct answer to fill in the "
+                                                    "blank to complete the given sentence: Ann met Bo so _ smiled. "
+                                                    "Option1: Ann Option2: Bo Answer format: option1/option2",
+                                                    "option2")))
+    full = score_questions(model, tok, requests, shared_prefix=False)
+    for kwargs in ({"max_sequences": 64}, {"max_sequences": 4}):  # all at once; one question per forward
+        shared = score_questions(model, tok, requests, **kwargs)
+        for a, b in zip(full, shared, strict=True):
+            assert a == pytest.approx(b, abs=1e-4)
+    assert requests[-1].contexts[0] != requests[-1].contexts[1] and len(full[-1]) == 2
 
 
 def _test_args(tmp_path: Path, test: str, *extra: str) -> list[str]:
@@ -149,12 +158,12 @@ def test_test_command_writes_acc_and_acc_norm(tmp_path: Path) -> None:
     for r in scored:
         assert r["pred"] == max(range(4), key=lambda i: r["loglik"][i])
         assert r["context"].startswith("Question: ") and r["context"].endswith("\nAnswer:")
-    # routing statistics saw exactly the real tokens of the scored sequences: (context + option)[:-1] each
+    # routing statistics saw exactly the real tokens of the forwards: each context once, each option[:-1]
     from moelora_lit.models.loading import load_tokenizer
 
     tok = load_tokenizer(TINY)
-    tokens = sum(len(a) + len(b) - 1 for r in scored for a, b in
-                 (encode_pair(tok, r["context"], c) for c in r["continuations"]))
+    tokens = sum(len(encode_pair(tok, r["context"], r["continuations"][0])[0]) for r in scored)
+    tokens += sum(len(encode_pair(tok, r["context"], c)[1]) - 1 for r in scored for c in r["continuations"])
     routing = json.loads((run / "routing_test.json").read_text())
     assert routing["tokens"]["arc_c"] == tokens
 

@@ -10,7 +10,8 @@ The config (and any ``--model.* / --data.* / --trainer.*`` override) is parsed b
 ``lm_eval.models.huggingface.HFLM(pretrained=model, tokenizer=...)``. The shipped ``moelora_*`` tasks
 (:mod:`moelora_lit.eval.harness_tasks`) read LLM-Adapters-format files offline; ``--data TASK=PATH`` points one at
 a file. Everything lands in a new run folder ``<output_dir>/version_<n>``: ``results.json`` (the harness's results),
-``tasks/`` (the task YAMLs used) and ``command.txt``. Needs the ``eval`` extra (``pip install -e .[eval]``).
+``tasks/`` (the task YAMLs used), ``command.txt`` and with ``--log_samples`` ``samples_<task>.jsonl``. Needs the
+``eval`` extra (``pip install -e .[eval]``).
 """
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--num_fewshot", type=int, default=None)
     p.add_argument("--batch_size", type=int, default=16, help="HFLM batch size")
     p.add_argument("--output_dir", default=None, help="default: <trainer.default_root_dir>/lm_eval")
+    p.add_argument("--log_samples", action="store_true", help="also write samples_<task>.jsonl (per document)")
     return p
 
 
-def write_task_yamls(folder: Path, data: list[str]) -> dict[str, str]:
-    """One YAML per shipped task in ``folder`` (``include:`` the shipped one, ``data_files`` set); returns the
-    task -> file mapping. ValueError naming a bad ``--data`` entry."""
+def data_files(data: list[str]) -> dict[str, str]:
+    """``--data TASK=PATH`` entries as task -> absolute path; ValueError / FileNotFoundError naming a bad entry."""
     shipped, files = shipped_tasks(), {}
     for entry in data:
         task, sep, path = entry.partition("=")
@@ -57,13 +58,17 @@ def write_task_yamls(folder: Path, data: list[str]) -> dict[str, str]:
         if not Path(path).expanduser().is_file():
             raise FileNotFoundError(f"--data {entry!r}: {path} does not exist")
         files[task] = str(Path(path).expanduser().resolve())
+    return files
+
+
+def write_task_yamls(folder: Path, files: dict[str, str]) -> None:
+    """One YAML per shipped task in ``folder``: ``include:`` the shipped one, ``data_files`` set from ``files``."""
     folder.mkdir(parents=True, exist_ok=True)
-    for task, yaml_path in shipped.items():
+    for task, yaml_path in shipped_tasks().items():
         lines = [f"include: {yaml_path}"]
         if task in files:
             lines += ["dataset_kwargs:", "  data_files:", f"    test: {json.dumps(files[task])}"]
         (folder / f"{task}.yaml").write_text("\n".join(lines) + "\n")
-    return files
 
 
 def _run_folder(root: Path) -> Path:
@@ -87,6 +92,7 @@ def run(argv: list[str]) -> dict[str, Any]:
     for path in args.include_path:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--include_path {path}: not a folder")
+    files = data_files(args.data)
     from moelora_lit.__main__ import MoELoRACLI
     from moelora_lit.data import ReasoningDataModule
     from moelora_lit.lightning.module import MoELoRAModule
@@ -95,8 +101,11 @@ def run(argv: list[str]) -> dict[str, Any]:
                      parser_kwargs={"exit_on_error": False})
     root = Path(args.output_dir or Path(cli.trainer.default_root_dir) / "lm_eval")
     out = _run_folder(root)
-    files = write_task_yamls(out / "tasks", args.data)
-    manager = TaskManager(include_path=[str(out / "tasks"), *args.include_path])
+    write_task_yamls(out / "tasks", files)
+    include = [str(out / "tasks"), *args.include_path]
+    manager = TaskManager(include_path=include, include_defaults=False)  # indexing lm-eval's own tasks takes ~10 s
+    if any(t not in manager.all_tasks for t in tasks):
+        manager = TaskManager(include_path=include)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
         raise ValueError(f"--tasks: unknown task(s) {unknown}; shipped: {', '.join(shipped_tasks())} (or any "
@@ -106,8 +115,11 @@ def run(argv: list[str]) -> dict[str, Any]:
     model = module.model.eval()
     lm = HFLM(pretrained=model, tokenizer=module.tokenizer, batch_size=args.batch_size, backend="causal")
     results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=args.num_fewshot, limit=args.limit,
-                                      task_manager=manager, log_samples=False)
+                                      task_manager=manager, log_samples=args.log_samples)
     results = json.loads(json.dumps(results, default=handle_non_serializable))
+    for task, samples in results.pop("samples", {}).items():
+        with open(out / f"samples_{task}.jsonl", "w") as f:
+            f.writelines(json.dumps(sample) + "\n" for sample in samples)
     results["moelora"] = {"base_model": module.base_model, "gguf_file": module.gguf_file,
                           "init_adapter": module.init_adapter, "torch_dtype": module.torch_dtype,
                           "quantization": module.quantization, "data_files": files}

@@ -5,9 +5,12 @@ the continuation, context + continuation is encoded whole and the continuation i
 tokens. ``joint=False`` encodes them apart (context with special tokens, continuation without), as the training
 data does (:func:`moelora_lit.data.batching.encode_rows`), for the ``training`` prompt.
 
-Sequences ``(context + continuation)[:-1]`` are left padded so that every continuation ends at the last position;
-only the last ``max continuation length`` positions go through the LM head (``logits_to_keep``), so the (B, T, V)
-logits are never materialised for the prompt. Position ids follow the attention mask, so padding changes nothing.
+Options that share their context (every task but WinoGrande) share one forward of it: the contexts of a batch of
+questions go through the decoder once (left padded), their KV cache is repeated once per option and the options
+(``continuation[:-1]``, right padded) follow it; the context's last position predicts each option's first token.
+Otherwise (:func:`continuation_logliks`) sequences ``(context + continuation)[:-1]`` are left padded so that every
+continuation ends at the last position. Either way only the scored positions go through the LM head, as one
+contiguous (S, H) matrix, and position ids follow the attention mask, so padding changes nothing.
 """
 
 from __future__ import annotations
@@ -103,31 +106,100 @@ def _scored_logits(model: nn.Module, input_ids: Tensor, mask: Tensor, position_i
     return logits if cap is None else torch.tanh(logits / cap) * cap
 
 
+@torch.no_grad()
+def shared_context_logliks(model: nn.Module, contexts: Sequence[list[int]], options: Sequence[Sequence[list[int]]],
+                           pad_token_id: int) -> list[list[float]]:
+    """Summed log-probability of each option after its question's context, the context computed once.
+
+    Args:
+        model: a causal LM with a decoder (``model.base_model``) that returns a KV cache, and an LM head.
+        contexts: per question, the context ids (non-empty).
+        options: per question, each option's continuation ids (non-empty).
+    """
+    decoder, head = model.base_model, model.get_output_embeddings()
+    device = next(model.parameters()).device
+    counts = [len(o) for o in options]
+    conts = [c for o in options for c in o]
+    if any(not c for c in conts) or any(not c for c in contexts):
+        raise ValueError("an empty context or continuation")
+    width, keep = max(len(c) for c in contexts), max(len(c) for c in conts) - 1
+    ctx_ids = torch.full((len(contexts), width), pad_token_id, dtype=torch.long)                # (B, W) left padded
+    ctx_mask = torch.zeros((len(contexts), width), dtype=torch.long)                            # (B, W)
+    for i, c in enumerate(contexts):
+        ctx_ids[i, width - len(c):], ctx_mask[i, width - len(c):] = torch.as_tensor(c), 1
+    opt_ids = torch.full((len(conts), max(keep, 1)), pad_token_id, dtype=torch.long)          # (S, K) right padded
+    opt_mask = torch.zeros((len(conts), max(keep, 1)), dtype=torch.long)                        # (S, K)
+    target = torch.zeros((len(conts), keep + 1), dtype=torch.long)                              # (S, 1 + K)
+    for s, c in enumerate(conts):
+        opt_ids[s, :len(c) - 1], opt_mask[s, :len(c) - 1] = torch.as_tensor(c[:-1], dtype=torch.long), 1
+        target[s, :len(c)] = torch.as_tensor(c)
+    scored = torch.arange(keep + 1)[None] < torch.tensor([len(c) for c in conts])[:, None]     # (S, 1 + K)
+    ctx_ids, ctx_mask, opt_ids, opt_mask, target, scored = (
+        x.to(device) for x in (ctx_ids, ctx_mask, opt_ids, opt_mask, target, scored))
+    owner = torch.repeat_interleave(torch.arange(len(contexts), device=device),
+                                    torch.tensor(counts, device=device))                       # (S,) question
+    try:
+        set_token_mask(model, ctx_mask)
+        first = decoder(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(-1) - 1).clamp_min(0),
+                        use_cache=True)
+        hidden = first.last_hidden_state[:, -1][owner][:, None]                                # (S, 1, H)
+        if keep > 0:
+            cache = first.past_key_values
+            cache.batch_select_indices(owner)
+            set_token_mask(model, opt_mask)
+            positions = ctx_mask.sum(-1)[owner][:, None] + torch.arange(keep, device=device)    # (S, K)
+            rest = decoder(input_ids=opt_ids, attention_mask=torch.cat([ctx_mask[owner], opt_mask], -1),
+                           position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
+            hidden = torch.cat([hidden, rest], 1)                                               # (S, 1 + K, H)
+    finally:
+        set_token_mask(model, None)
+    logits = head(hidden[scored].contiguous()).float()                                          # (N, V)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    logits = logits if cap is None else torch.tanh(logits / cap) * cap
+    picked = logits.gather(-1, target[scored][:, None]).squeeze(-1) - logits.logsumexp(-1)     # (N,)
+    per_token = torch.zeros(scored.shape, dtype=picked.dtype, device=picked.device)             # (S, 1 + K)
+    per_token[scored] = picked
+    values = per_token.sum(-1).tolist()
+    return [values[sum(counts[:i]):sum(counts[:i + 1])] for i in range(len(counts))]
+
+
 def score_questions(model: nn.Module, tokenizer: Any, questions: Sequence[Requests], joint: bool = True,
-                    max_sequences: int = 64) -> list[list[float]]:
-    """Log-likelihood of every option of every question; each question's options share one forward, and
-    questions of similar length are batched up to ``max_sequences`` sequences per forward."""
+                    max_sequences: int = 64, shared_prefix: bool = True) -> list[list[float]]:
+    """Log-likelihood of every option of every question. Questions of similar length are batched, whole, up to
+    ``max_sequences`` option sequences per forward; with ``shared_prefix`` a context shared by a question's options
+    is computed once (:func:`shared_context_logliks`)."""
     encoded = [[encode_pair(tokenizer, c, x, joint) for c, x in zip(q.contexts, q.continuations, strict=True)]
                for q in questions]
-    order = sorted(range(len(encoded)), key=lambda i: max(len(a) + len(b) for a, b in encoded[i]))
     out: list[list[float]] = [[] for _ in encoded]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     prefix = _prefix_token(tokenizer) if any(not a for q in encoded for a, _ in q) else None
-    chunk: list[int] = []
+    can_share = shared_prefix and getattr(model, "base_model", model) is not model
+    shared = [can_share and all(a == q[0][0] and a for a, _ in q) for q in encoded]
 
-    def flush() -> None:
-        pairs = [p for i in chunk for p in encoded[i]]
-        values = continuation_logliks(model, pairs, pad, prefix).tolist()
-        for i in chunk:
-            out[i], values = values[:len(encoded[i])], values[len(encoded[i]):]
-        chunk.clear()
+    def flush(chunk: list[int], share: bool) -> None:
+        if share:
+            values = shared_context_logliks(model, [encoded[i][0][0] for i in chunk],
+                                            [[b for _, b in encoded[i]] for i in chunk], pad)
+            out_rows = dict(zip(chunk, values, strict=True))
+        else:
+            flat = continuation_logliks(model, [p for i in chunk for p in encoded[i]], pad, prefix).tolist()
+            out_rows = {}
+            for i in chunk:
+                out_rows[i], flat = flat[:len(encoded[i])], flat[len(encoded[i]):]
+        for i, values in out_rows.items():
+            out[i] = values
 
-    for i in order:
-        if chunk and sum(len(encoded[j]) for j in chunk) + len(encoded[i]) > max_sequences:
-            flush()
-        chunk.append(i)
-    if chunk:
-        flush()
+    for share in (True, False):
+        order = sorted((i for i in range(len(encoded)) if shared[i] == share),
+                       key=lambda i: max(len(a) + len(b) for a, b in encoded[i]))
+        chunk: list[int] = []
+        for i in order:
+            if chunk and sum(len(encoded[j]) for j in chunk) + len(encoded[i]) > max_sequences:
+                flush(chunk, share)
+                chunk = []
+            chunk.append(i)
+        if chunk:
+            flush(chunk, share)
     return out
 
 
