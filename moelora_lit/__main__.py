@@ -5,7 +5,8 @@ non-finite loss in exit code 1, SIGINT / SIGTERM during fit in a checkpoint and 
 ``MOELORA_DEBUG=1`` shows the full traceback instead.
 Two tools run before LightningCLI: ``python -m moelora_lit data prepare --source SRC --out DIR`` (LLM-Adapters'
 data, checksummed; :mod:`moelora_lit.data.prepare`) and ``python -m moelora_lit report RUN_DIR... [--csv FILE]``
-(:mod:`moelora_lit.eval.report`).
+(:mod:`moelora_lit.eval.report`); ``python -m moelora_lit lm-eval --config X.yaml --tasks T`` runs
+lm-evaluation-harness on the built model (:mod:`moelora_lit.eval.harness`).
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 # them (LightningCLI otherwise replaces every model.* value with the checkpoint's hyper-parameters, so a base
 # model moved to another folder or machine could not be resumed).
 RUNTIME_KEYS = ("base_model", "init_adapter", "torch_dtype", "trust_remote_code", "gradient_checkpointing",
-                "max_new_tokens", "generate_on_validation", "answer_protocol", "num_beams", "gguf_file", "quantization")
+                "max_new_tokens", "generate_on_validation", "answer_protocol", "num_beams", "gguf_file", "quantization",
+                "scoring", "loglik_prompt", "loglik_batch_sequences")
 
 
 class MoELoRACLI(LightningCLI):
@@ -131,11 +133,15 @@ def best_checkpoint(trainer: Any) -> str | None:
 
 
 def _run_tool(args: list[str]) -> int | None:
-    """``data prepare ...`` and ``report ...``: their exit code; None for LightningCLI's subcommands."""
+    """``data prepare ...``, ``report ...`` and ``lm-eval ...``: their exit code; None for LightningCLI's commands."""
     if args[:2] == ["data", "prepare"]:
         from moelora_lit.data.prepare import main as prepare
 
         return prepare(args[2:])
+    if args[:1] == ["lm-eval"]:
+        from moelora_lit.eval.harness import main as harness
+
+        return harness(args[1:])
     if args[:1] == ["report"]:
         from moelora_lit.eval.report import main as report
 

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import copy
 import importlib.util
+import json
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -193,3 +196,50 @@ def test_cli_links_a_folder_and_gguf_file_to_the_data_tokenizer(tmp_path) -> Non
     assert cli.model.model is None  # nothing loads before configure_model
     assert cli.datamodule.tokenizer.eos_token == cli.model.tokenizer.eos_token == "<|im_end|>"
     assert len(cli.datamodule.tokenizer) == 49152
+
+
+ARC_EASY = Path(os.environ.get("MOELORA_LLM_ADAPTERS_DATA", Path(__file__).resolve().parents[1] / ".." / "shared"
+                               / "data" / "llm-adapters")) / "ARC-Easy" / "test.json"
+
+
+@pytest.fixture(scope="module")
+def smollm2_bf16():
+    folder, name = resolve_gguf(SMOLLM2)
+    return load_base_model(folder, gguf_file=name, torch_dtype="bfloat16").eval(), load_tokenizer(folder,
+                                                                                                 gguf_file=name)
+
+
+@pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="pip install -e .[eval]")
+@pytest.mark.skipif(not ARC_EASY.is_file(), reason=f"LLM-Adapters' ARC-Easy test file (set MOELORA_LLM_ADAPTERS_DATA "
+                                                    f"to the folder holding ARC-Easy/test.json): {ARC_EASY}")
+def test_loglik_agrees_with_the_harness_on_arc_easy(smollm2_bf16, tmp_path) -> None:
+    """Our batched scorer and lm-evaluation-harness's HFLM, same bf16 SmolLM2 and prompt, 200 ARC-Easy rows: the
+    same pick on >= 99% of rows and accuracies within 0.5 points."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    from moelora_lit.eval.choices import harness_requests, parse_question
+    from moelora_lit.eval.harness import write_task_yamls
+    from moelora_lit.eval.loglik import picks, score_questions
+
+    model, tok = smollm2_bf16
+    n = 200
+    rows = json.loads(ARC_EASY.read_text())[:n]
+    requests = [harness_requests(parse_question("arc_e", r["instruction"], r["answer"])) for r in rows]
+    ours = score_questions(model, tok, requests)
+    write_task_yamls(tmp_path, {"moelora_arc_easy": str(ARC_EASY)})
+    out = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tok, batch_size=64, backend="causal"),
+                                  tasks=["moelora_arc_easy"], limit=n, log_samples=True,
+                                  task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
+    samples = sorted(out["samples"]["moelora_arc_easy"], key=lambda s: s["doc_id"])
+    theirs = [[float(resp[0]) for resp in s["filtered_resps"]] for s in samples]
+    ours_picks = [picks(lls, r.norm_lengths) for lls, r in zip(ours, requests, strict=True)]
+    their_picks = [picks(lls, r.norm_lengths) for lls, r in zip(theirs, requests, strict=True)]
+    assert sum(a[0] == b[0] for a, b in zip(ours_picks, their_picks, strict=True)) >= 0.99 * n
+    assert sum(a[1] == b[1] for a, b in zip(ours_picks, their_picks, strict=True)) >= 0.99 * n
+    correct = sum(p[0] == r.gold for p, r in zip(ours_picks, requests, strict=True))
+    correct_norm = sum(p[1] == r.gold for p, r in zip(ours_picks, requests, strict=True))
+    harness = out["results"]["moelora_arc_easy"]  # 0.5 points of 200 rows: one row
+    assert abs(correct - round(harness["acc,none"] * n)) <= 0.005 * n
+    assert abs(correct_norm - round(harness["acc_norm,none"] * n)) <= 0.005 * n

@@ -24,6 +24,7 @@ from moelora_lit.adapter_io import (
 from moelora_lit.config import MoELoRAConfig
 from moelora_lit.eval.answers import PROTOCOLS, extract_answer, is_correct
 from moelora_lit.inject import collect_aux_losses, inject_moelora, matches, push_queues, set_token_mask
+from moelora_lit.lightning import evaluation
 from moelora_lit.lightning.generation import generate_texts
 from moelora_lit.lightning.sharding import checkpoint_state_dict, full_adapter_tensors, shard_model
 from moelora_lit.models.loading import (
@@ -69,6 +70,11 @@ class MoELoRAModule(L.LightningModule):
             or ``package:<pkg>/<file>``, e.g. ``moelora_lit.models.gguf.SMOLLM2``; see :mod:`moelora_lit.models.gguf`).
         quantization: ``none``, ``nf4`` or ``int8``: a bitsandbytes-quantised frozen base (QLoRA-style);
             adapters and routers stay float32 (:mod:`moelora_lit.models.quantization`).
+        scoring: ``generate`` (answers generated and extracted) or ``loglikelihood`` (multiple-choice sets scored
+            by option log-likelihood, ``acc`` and ``acc_norm`` as lm-evaluation-harness; math sets still generate).
+        loglik_prompt: ``harness`` (the harness's zero-shot templates) or ``training`` (the trained prompt and
+            response); unset: ``training`` when an adapter was trained or loaded, else ``harness``.
+        loglik_batch_sequences: option sequences per forward in loglikelihood scoring (whole questions).
     """
 
     def __init__(
@@ -88,6 +94,9 @@ class MoELoRAModule(L.LightningModule):
         num_beams: int = 1,
         gguf_file: str | None = None,
         quantization: str = "none",
+        scoring: str = "generate",
+        loglik_prompt: str | None = None,
+        loglik_batch_sequences: int = 64,
     ) -> None:
         super().__init__()
         check_dtype(torch_dtype)
@@ -116,6 +125,7 @@ class MoELoRAModule(L.LightningModule):
         self.max_new_tokens = max_new_tokens
         self.generate_on_validation = generate_on_validation
         self.answer_protocol, self.num_beams = answer_protocol, num_beams
+        evaluation.init_scoring(self, scoring, loglik_prompt, loglik_batch_sequences)
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "adapter"])
         self.hparams["adapter"] = dataclasses.asdict(self.adapter_config)
         self._check_targets()
@@ -204,6 +214,7 @@ class MoELoRAModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         for name in self._dataset_names("val") + self._dataset_names("test"):
             self._metric_key(name)
+        evaluation.check_rows(self)
 
     def _metric_key(self, name: str) -> str:
         """The metrics' key for dataset ``name``, creating its correct/total ``SumMetric`` pair if missing
@@ -219,7 +230,10 @@ class MoELoRAModule(L.LightningModule):
         return names[dataloader_idx] if dataloader_idx < len(names) else f"dataset_{dataloader_idx}"
 
     def _score(self, batch: dict[str, Any], name: str) -> list[dict[str, Any]]:
-        """Generate answers for a batch (greedy or beam search) and update the per-dataset accuracy metrics."""
+        """Generate answers for a batch (greedy or beam search) and update the per-dataset accuracy metrics; with
+        ``scoring=loglikelihood``, multiple-choice sets are scored by option log-likelihood instead."""
+        if batch.get("task") and evaluation.uses_loglik(self, name, batch["task"][0]):
+            return evaluation.loglik_rows(self, batch, name, self._metric_key(name))
         texts = generate_texts(self, batch, self.max_new_tokens, self.num_beams)
         tasks = batch.get("task") or [name] * len(texts)  # the registry name decides the answer format
         rows = []
@@ -247,11 +261,15 @@ class MoELoRAModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> list[dict]:
         return self._score(batch, self._name("test", dataloader_idx))
 
+    def on_validation_epoch_start(self) -> None:
+        evaluation.start_epoch(self, "validate")
+
     def on_validation_epoch_end(self) -> None:
         self._log_accuracy("val", self._dataset_names("val"))
 
     def on_test_epoch_start(self) -> None:
         self.predictions = []
+        evaluation.start_epoch(self, "test")
 
     def on_test_epoch_end(self) -> None:
         results = self._log_accuracy("test", self._dataset_names("test"))
@@ -266,7 +284,7 @@ class MoELoRAModule(L.LightningModule):
             correct, total = self.correct[key].compute(), self.total[key].compute()
             accuracy = correct / total.clamp_min(1)
             self.log(f"{stage}/acc/{name}", accuracy, add_dataloader_idx=False)
-            results[name] = {"accuracy": float(accuracy), "n": int(total)}
+            results[name] = evaluation.dataset_result(self, name, key, float(accuracy), int(total))
             self.correct[key].reset()
             self.total[key].reset()
         return results
@@ -287,13 +305,7 @@ class MoELoRAModule(L.LightningModule):
         with open(log_dir / "predictions.jsonl", "w") as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
-        width = max([len(n) for n in results] + [7])
-        lines = [f"{'dataset':<{width}}  accuracy      n", "-" * (width + 17)]
-        lines += [f"{n:<{width}}  {r['accuracy']:8.4f}  {r['n']:5d}" for n, r in results.items()]
-        if results:
-            mean = sum(r["accuracy"] for r in results.values()) / len(results)
-            lines += ["-" * (width + 17), f"{'mean':<{width}}  {mean:8.4f}"]
-        print("\n".join(lines) + f"\n(test_results.json and predictions.jsonl in {log_dir})")
+        print(evaluation.table(results) + f"\n(test_results.json and predictions.jsonl in {log_dir})")
 
     def evaluation_settings(self) -> dict[str, Any]:
         """What decides a test accuracy besides the weights: protocol, decoding, batch and checkpoint."""
@@ -305,6 +317,7 @@ class MoELoRAModule(L.LightningModule):
     def on_fit_end(self) -> None:
         """Export the trained adapter to ``<log_dir>/adapter`` (what ``model.init_adapter`` reads)."""
         log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank
+        self.adapter_trained = True  # a test after fit scores with the training prompt (model.loglik_prompt unset)
         if self.model is None:
             return
         with full_adapter_tensors(self.model):  # whole tensors when sharded (a collective: every rank)
