@@ -6,6 +6,8 @@ log-likelihood (:mod:`moelora_lit.eval.loglik`), the math sets keep generation (
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -156,3 +158,37 @@ def table(results: dict[str, dict[str, Any]]) -> str:
         mean = sum(r["accuracy"] for r in results.values()) / len(results)
         lines += ["-" * (width + 27), f"{'mean':<{width}}  {mean:8.4f}"]
     return "\n".join(lines)
+
+
+def log_accuracy(module: Any, stage: str, names: list[str]) -> dict[str, dict[str, Any]]:
+    """Log ``<stage>/acc/<dataset>`` from the synced metrics, reset them, and return each dataset's result."""
+    results = {}
+    for name in names:
+        key = name.replace(".", "_")
+        if key not in module.correct or not module.total[key].update_called:
+            continue
+        correct, total = module.correct[key].compute(), module.total[key].compute()
+        accuracy = correct / total.clamp_min(1)
+        module.log(f"{stage}/acc/{name}", accuracy, add_dataloader_idx=False)
+        results[name] = dataset_result(module, name, key, float(accuracy), int(total))
+        module.correct[key].reset()
+        module.total[key].reset()
+    return results
+
+def write_test_outputs(module: Any, results: dict[str, dict[str, Any]]) -> None:
+    """``test_results.json``, ``predictions.jsonl`` and a printed table, on global rank 0."""
+    rows = module.predictions
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        gathered: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(gathered, rows)
+        rows = [row for part in gathered for row in part]
+    log_dir = Path(module.trainer.log_dir or module.trainer.default_root_dir)  # a collective: every rank
+    if not module.trainer.is_global_zero or module.trainer.sanity_checking:
+        return
+    results = {name: {**r, **module.evaluation_settings()} for name, r in results.items()}
+    log_dir.mkdir(parents=True, exist_ok=True)
+    (log_dir / "test_results.json").write_text(json.dumps(results, indent=2))
+    with open(log_dir / "predictions.jsonl", "w") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+    print(table(results) + f"\n(test_results.json and predictions.jsonl in {log_dir})")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -265,47 +264,15 @@ class MoELoRAModule(L.LightningModule):
         evaluation.start_epoch(self, "validate")
 
     def on_validation_epoch_end(self) -> None:
-        self._log_accuracy("val", self._dataset_names("val"))
+        evaluation.log_accuracy(self, "val", self._dataset_names("val"))
 
     def on_test_epoch_start(self) -> None:
         self.predictions = []
         evaluation.start_epoch(self, "test")
 
     def on_test_epoch_end(self) -> None:
-        results = self._log_accuracy("test", self._dataset_names("test"))
-        self._write_test_outputs(results)
-
-    def _log_accuracy(self, stage: str, names: list[str]) -> dict[str, dict[str, float]]:
-        results = {}
-        for name in names:
-            key = name.replace(".", "_")
-            if key not in self.correct or not self.total[key].update_called:
-                continue
-            correct, total = self.correct[key].compute(), self.total[key].compute()
-            accuracy = correct / total.clamp_min(1)
-            self.log(f"{stage}/acc/{name}", accuracy, add_dataloader_idx=False)
-            results[name] = evaluation.dataset_result(self, name, key, float(accuracy), int(total))
-            self.correct[key].reset()
-            self.total[key].reset()
-        return results
-
-    def _write_test_outputs(self, results: dict[str, dict[str, float]]) -> None:
-        """``test_results.json``, ``predictions.jsonl`` and a printed table, on global rank 0."""
-        rows = self.predictions
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            gathered: list[Any] = [None] * torch.distributed.get_world_size()
-            torch.distributed.all_gather_object(gathered, rows)
-            rows = [row for part in gathered for row in part]
-        log_dir = Path(self.trainer.log_dir or self.trainer.default_root_dir)  # a collective: every rank
-        if not self.trainer.is_global_zero or self.trainer.sanity_checking:
-            return
-        results = {name: {**r, **self.evaluation_settings()} for name, r in results.items()}
-        log_dir.mkdir(parents=True, exist_ok=True)
-        (log_dir / "test_results.json").write_text(json.dumps(results, indent=2))
-        with open(log_dir / "predictions.jsonl", "w") as f:
-            for row in rows:
-                f.write(json.dumps(row) + "\n")
-        print(evaluation.table(results) + f"\n(test_results.json and predictions.jsonl in {log_dir})")
+        results = evaluation.log_accuracy(self, "test", self._dataset_names("test"))
+        evaluation.write_test_outputs(self, results)
 
     def evaluation_settings(self) -> dict[str, Any]:
         """What decides a test accuracy besides the weights: protocol, decoding, batch and checkpoint."""
