@@ -56,12 +56,32 @@ def test_accuracy(model, tokenizer, limit: int = 50, max_new_tokens: int = 32) -
     return accuracy
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def parse_args(doc: str, out: str) -> argparse.Namespace:
+    """``--steps``, ``--out`` and ``--test-limit``, shared by both examples."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--out", default="runs/hf_trainer")
+    parser.add_argument("--out", default=out)
     parser.add_argument("--test-limit", type=int, default=50)
-    cli = parser.parse_args()
+    return parser.parse_args()
+
+
+def train_and_report(trainer, tokenizer, out: str, test_limit: int, start: float) -> None:
+    """Train, print the logged loss terms, save the adapter files and print test accuracy per family."""
+    trainer.remove_callback(PrinterCallback)  # the per-layer routing metrics make long lines; summarised below
+    trainer.train()
+    for e in (e for e in trainer.state.log_history if "train/loss" in e):
+        print(f"step {e['step']:4d}  " + "  ".join(f"{k[6:]} {e[k]:.4f}" for k in e if k.startswith("train/")))
+    trainer.save_model(f"{out}/adapter")                                      # adapter files only
+    trained = time.perf_counter() - start
+    accuracy = test_accuracy(trainer.model, tokenizer, test_limit)
+    for task, value in accuracy.items():
+        print(f"{task:<14} {value:6.3f}  (n={test_limit})")
+    print(f"{'mean':<14} {sum(accuracy.values()) / len(accuracy):6.3f}")
+    print(f"train {trained:.1f} s, total {time.perf_counter() - start:.1f} s; adapter in {out}/adapter")
+
+
+def main() -> None:
+    cli = parse_args(__doc__, "runs/hf_trainer")
     start = time.perf_counter()
     torch.manual_seed(0)
     tokenizer = load_tokenizer(TINY_BASE)
@@ -75,17 +95,7 @@ def main() -> None:
     trainer = MoELoRATrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                              data_collator=Collator(tokenizer.pad_token_id, eval_mode=False),
                              callbacks=[MoELoRACallback()])
-    trainer.remove_callback(PrinterCallback)  # the per-layer routing metrics make long lines; summarised below
-    trainer.train()
-    for e in (e for e in trainer.state.log_history if "train/loss" in e):
-        print(f"step {e['step']:4d}  " + "  ".join(f"{k[6:]} {e[k]:.4f}" for k in e if k.startswith("train/")))
-    trainer.save_model(f"{cli.out}/adapter")                                  # adapter files only
-    trained = time.perf_counter() - start
-    accuracy = test_accuracy(model, tokenizer, cli.test_limit)
-    for task, value in accuracy.items():
-        print(f"{task:<14} {value:6.3f}  (n={cli.test_limit})")
-    print(f"{'mean':<14} {sum(accuracy.values()) / len(accuracy):6.3f}")
-    print(f"train {trained:.1f} s, total {time.perf_counter() - start:.1f} s; adapter in {cli.out}/adapter")
+    train_and_report(trainer, tokenizer, cli.out, cli.test_limit, start)
 
 
 if __name__ == "__main__":

@@ -8,13 +8,11 @@ the completion only. Test accuracy comes from the library's answer rules on gree
 
 from __future__ import annotations
 
-import argparse
 import time
 
 import torch
 from datasets import Dataset
-from hf_trainer import ADAPTER, TINY_BASE, test_accuracy
-from transformers import PrinterCallback
+from hf_trainer import ADAPTER, TINY_BASE, parse_args, train_and_report
 from trl import SFTConfig
 
 from moelora_lit import inject_moelora
@@ -25,11 +23,7 @@ from moelora_lit.models.loading import load_base_model, load_tokenizer
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--out", default="runs/trl_sft")
-    parser.add_argument("--test-limit", type=int, default=50)
-    cli = parser.parse_args()
+    cli = parse_args(__doc__, "runs/trl_sft")
     start = time.perf_counter()
     torch.manual_seed(0)
     tokenizer = load_tokenizer(TINY_BASE)
@@ -44,17 +38,7 @@ def main() -> None:
                      disable_tqdm=True, seed=0)
     trainer = MoELoRASFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                                 callbacks=[MoELoRACallback()])
-    trainer.remove_callback(PrinterCallback)  # the per-layer routing metrics make long lines; summarised below
-    trainer.train()
-    for e in (e for e in trainer.state.log_history if "train/loss" in e):
-        print(f"step {e['step']:4d}  " + "  ".join(f"{k[6:]} {e[k]:.4f}" for k in e if k.startswith("train/")))
-    trainer.save_model(f"{cli.out}/adapter")                                  # adapter files only
-    trained = time.perf_counter() - start
-    accuracy = test_accuracy(model, tokenizer, cli.test_limit)
-    for task, value in accuracy.items():
-        print(f"{task:<14} {value:6.3f}  (n={cli.test_limit})")
-    print(f"{'mean':<14} {sum(accuracy.values()) / len(accuracy):6.3f}")
-    print(f"train {trained:.1f} s, total {time.perf_counter() - start:.1f} s; adapter in {cli.out}/adapter")
+    train_and_report(trainer, tokenizer, cli.out, cli.test_limit, start)
 
 
 if __name__ == "__main__":
