@@ -18,7 +18,7 @@ import moelora_lit
 from moelora_lit import adapter_state_dict, inject_moelora, load_adapter, moelora_layers, save_adapter
 from moelora_lit.data.batching import Collator, encode_rows
 from moelora_lit.data.synthetic import synthetic_rows
-from moelora_lit.integrations import transformers as integration
+from moelora_lit.integrations import mixin as integration
 from moelora_lit.integrations.transformers import MoELoRACallback, MoELoRATrainer
 from moelora_lit.models.loading import load_base_model, load_tokenizer
 

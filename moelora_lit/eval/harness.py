@@ -93,7 +93,7 @@ def run(argv: list[str]) -> dict[str, Any]:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--include_path {path}: not a folder")
     files = data_files(args.data)
-    from moelora_lit.__main__ import MoELoRACLI
+    from moelora_lit.lightning.cli import MoELoRACLI
     from moelora_lit.data import ReasoningDataModule
     from moelora_lit.lightning.module import MoELoRAModule
 

@@ -8,7 +8,7 @@ import torch
 from trl import SFTTrainer
 
 from moelora_lit.inject import moelora_layers
-from moelora_lit.integrations.transformers import MoELoRATrainerMixin
+from moelora_lit.integrations.mixin import MoELoRATrainerMixin
 
 
 class MoELoRASFTTrainer(MoELoRATrainerMixin, SFTTrainer):
