@@ -183,8 +183,8 @@ def test_nf4_base_trains_adapters_only_and_shares_them_with_float32(smollm2, tex
 
 
 def test_cli_links_a_folder_and_gguf_file_to_the_data_tokenizer(tmp_path) -> None:
-    from moelora_lit.lightning.cli import MoELoRACLI
     from moelora_lit.data import ReasoningDataModule
+    from moelora_lit.lightning.cli import MoELoRACLI
     from moelora_lit.lightning.module import MoELoRAModule
 
     folder, name = resolve_gguf(SMOLLM2)

@@ -93,8 +93,8 @@ def run(argv: list[str]) -> dict[str, Any]:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--include_path {path}: not a folder")
     files = data_files(args.data)
-    from moelora_lit.lightning.cli import MoELoRACLI
     from moelora_lit.data import ReasoningDataModule
+    from moelora_lit.lightning.cli import MoELoRACLI
     from moelora_lit.lightning.module import MoELoRAModule
 
     cli = MoELoRACLI(MoELoRAModule, ReasoningDataModule, run=False, args=rest, save_config_callback=None,
