@@ -1,0 +1,100 @@
+"""What the SmolLM2 common-sense study relies on: one validation loss per validation set, the routing probe on
+LLM-Adapters files (its step-0 state kept across a resume), and the driver's lr-grid and reduction choices."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+from hf_folder import build_tiny_hf_folder
+from test_module import SMOKE, run_cli, scalars
+
+from moelora_lit import MoELoRAConfig
+from moelora_lit.analysis.probe import RoutingProbe
+from moelora_lit.lightning.module import MoELoRAModule
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+import smollm2_study as study  # noqa: E402
+
+ROWS = {"arc_e": [{"instruction": f"Which is bigger, {i} or {i + 1}?\n\nAnswer format: answer1/answer2",
+                   "input": "", "output": "the correct answer is answer2", "answer": "answer2"} for i in range(12)],
+        "boolq": [{"instruction": f"Is {i} even?\n\nAnswer format: true/false", "input": "",
+                   "output": f"the correct answer is {str(i % 2 == 0).lower()}", "answer": str(i % 2 == 0).lower()}
+                  for i in range(12)]}
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> str:
+    return build_tiny_hf_folder(tmp_path_factory.mktemp("tiny-base"))
+
+
+def test_several_validation_sets_log_one_loss_each(tiny_base: str, tmp_path: Path) -> None:
+    run_cli(["fit", "--config", SMOKE, "--model.base_model", tiny_base, "--trainer.default_root_dir", str(tmp_path),
+             "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--test_after_fit=false",
+             "--model.generate_on_validation=false",
+             "--data.val=[{name: synth_add, split: validation, limit: 4}, "
+             "{name: synth_units, split: validation, limit: 4, alias: units}]"])
+    (run,) = (tmp_path / "lightning_logs").iterdir()
+    tags = scalars(run)
+    assert {"val/loss/synth_add", "val/loss/units"} <= set(tags) and "val/loss" not in tags
+    assert tags["val/loss/synth_add"] != tags["val/loss/units"]
+
+
+def test_probe_reads_files_and_keeps_its_step0_state_on_resume(tiny_base: str, tmp_path: Path) -> None:
+    files = {}
+    for name, rows in ROWS.items():
+        files[name] = tmp_path / f"{name}.json"
+        files[name].write_text(json.dumps(rows))
+    probe = RoutingProbe(limit=4, permutations=20, batch_size=3,
+                         data=[{"name": n, "path": str(p), "offset": 8} for n, p in files.items()])
+    assert probe.tasks == ["arc_e", "boolq"]
+    texts, labels = probe._texts()
+    assert len(texts) == 8 and sorted(labels.tolist()) == [0] * 4 + [1] * 4
+    assert any("Which is bigger, 8 or 9?" in t for t in texts) and not any("bigger, 7 or" in t for t in texts)
+    module = MoELoRAModule(base_model=tiny_base, adapter=MoELoRAConfig(r=8, num_experts=4, top_k=2))
+    module.configure_model()
+    loads, entropy, names = probe.measure(module)
+    assert loads.shape == (8, len(names), 4) and entropy.shape == (len(names),)
+    probe.on_train_start(SimpleNamespace(global_step=0), module)
+    resumed = RoutingProbe(limit=4, permutations=20, data=probe.data)
+    resumed.load_state_dict(probe.state_dict())
+    resumed.on_train_start(SimpleNamespace(global_step=5), None)  # a resumed run measures nothing at its start
+    assert resumed.step0 == probe.step0 and probe.step0["examples"] == 8
+    with pytest.raises(ValueError, match=r"RoutingProbe data\[0\].*needs 'name' and 'path'"):
+        RoutingProbe(data=[{"name": "arc_e", "path": str(tmp_path / "missing.json")}])
+
+
+def finish(s: study.Study, variant: str, lr: float, loss: float, seed: int = 0) -> None:
+    folder = s.run_folder(variant, lr, seed)
+    folder.mkdir(parents=True)
+    (folder / "train_done.json").write_text(json.dumps({"val_loss": loss, "adapter": str(folder / "adapter")}))
+
+
+def test_grid_extends_until_the_best_lr_has_a_worse_neighbour_each_side(tmp_path: Path) -> None:
+    s = study.Study(tmp_path)
+    assert s.grid("lora") == (list(study.INITIAL_LRS), None)
+    for lr, loss in zip(study.INITIAL_LRS, (0.5, 0.6, 0.7), strict=True):
+        finish(s, "lora", lr, loss)
+    assert s.grid("lora") == ([1e-4], None)                      # best at the low edge: one step down
+    finish(s, "lora", 1e-4, 0.55)
+    assert s.grid("lora") == ([], 3e-4) and s.choice("lora") == ("lora", 3e-4)
+    tasks, still_open = s.train_tasks()
+    assert [(t.variant, t.seed) for t in tasks if t.method == "lora"] == [("lora", 1), ("lora", 2)]
+    assert still_open and tasks[0].variant == "moelora-sum"  # grids before seeds
+
+
+def test_moelora_keeps_the_better_reduction_and_no_contrastive_follows_it(tmp_path: Path) -> None:
+    s = study.Study(tmp_path)
+    for reduction, losses in (("sum", (0.6, 0.5, 0.7)), ("mean", (0.5, 0.4, 0.45))):
+        for lr, loss in zip(study.INITIAL_LRS, losses, strict=True):
+            finish(s, f"moelora-{reduction}", lr, loss)
+    assert s.choice("moelora") == ("moelora-mean", 1e-3)
+    assert s.choice("moelora_no_contrastive") is None
+    variants = {t.variant for t in s.train_tasks()[0]}
+    assert "moelora_no_contrastive-mean" in variants and "moelora_no_contrastive-sum" not in variants
+    cmd = study.command(next(t for t in s.train_tasks()[0] if t.variant == "moelora_no_contrastive-mean"))
+    assert "--model.adapter.aux_reduction=mean" in cmd and cmd[cmd.index("--configs") + 1].endswith(
+        "smollm2_commonsense_moelora_no_contrastive.yaml")
