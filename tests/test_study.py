@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 from hf_folder import build_tiny_hf_folder
 from test_module import SMOKE, run_cli, scalars
@@ -98,3 +99,29 @@ def test_moelora_keeps_the_better_reduction_and_no_contrastive_follows_it(tmp_pa
     cmd = study.command(next(t for t in s.train_tasks()[0] if t.variant == "moelora_no_contrastive-mean"))
     assert "--model.adapter.aux_reduction=mean" in cmd and cmd[cmd.index("--configs") + 1].endswith(
         "smollm2_commonsense_moelora_no_contrastive.yaml")
+
+
+def test_routing_grid_puts_each_layer_in_its_block_and_projection() -> None:
+    import smollm2_routing as routing
+
+    layers = [f"model.layers.{b}.{'self_attn' if p[0] in 'qkvo' else 'mlp'}.{p}"
+              for b in range(2) for p in routing.PROJECTIONS]
+    base = np.arange(len(layers), dtype=float)
+
+    def summary(shift: float) -> dict:
+        state = {"specialisation": base.tolist(), "entropy": (0.69 - 0 * base).tolist()}
+        trained = {"specialisation": (base + shift).tolist(), "entropy": (0.69 - shift / 10 + 0 * base).tolist()}
+        return {"layers": layers, "step0": state, "trained": trained}
+
+    summaries = {(m, s): summary(shift + s / 100) for m, shift in (("moelora", 1.0), ("moelora_no_contrastive", 0.0))
+                 for s in range(3)}
+    diffs = routing.differences(summaries)
+    spec = diffs[(diffs["quantity"] == "specialisation") & (diffs["comparison"] == "moelora: trained - step0")]
+    table = routing.grid(spec)
+    assert table.shape == (2, 7) and list(table.columns) == routing.PROJECTIONS
+    assert np.allclose(table.to_numpy(), 1.01)
+    between = diffs[diffs["comparison"] == "moelora - moelora_no_contrastive (trained)"]
+    assert np.allclose(between[between["quantity"] == "specialisation"]["diff"], 1.0)
+    assert np.allclose(between[between["quantity"] == "entropy"]["diff"], -0.1)
+    overall = routing.summary(diffs).set_index(["quantity", "comparison", "projection"])
+    assert overall.loc[("specialisation", "moelora: trained - step0", "all"), "layers"] == 14
