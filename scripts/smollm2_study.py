@@ -2,7 +2,7 @@
 
     python scripts/smollm2_study.py train    [--jobs 1] [--out /work/runs/smollm2_commonsense]
     python scripts/smollm2_study.py evaluate [--jobs 1]
-    python scripts/smollm2_study.py all      [--jobs 1]        # train, then evaluate what is trained
+    python scripts/smollm2_study.py all      [--jobs 1] [--prefer evaluate]   # both, training first by default
     python scripts/smollm2_study.py status                      # what is done, chosen, left
     python scripts/smollm2_study.py table                       # experiments/results/smollm2_commonsense.{csv,json}
 
@@ -56,6 +56,7 @@ SEEDS = (0, 1, 2)
 SCORINGS = [("generate", "generate", "training", False), ("loglikelihood-training", "loglikelihood", "training", False),
             ("loglikelihood-harness", "loglikelihood", "harness", True)]
 RESULTS = ROOT / "experiments" / "results"
+GENERATE_LIMIT = 300  # rows per test set scored by generation (about 3x a log-likelihood row's CPU time)
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,20 @@ def command(task: Task) -> list[str]:
         cmd.append(f"--model.init_adapter={task.adapter}")
     if scoring != "generate":
         cmd += [f"--model.scoring={scoring}", f"--model.loglik_prompt={prompt}"]
+    else:
+        cmd.append(f"--data.test={json.dumps(test_specs(config, GENERATE_LIMIT))}")
     return cmd
+
+
+def test_specs(config: Path, limit: int) -> list[dict[str, Any]]:
+    """The ``data.test`` specs of a config (following its ``config:`` parent), each cut to ``limit`` rows."""
+    import yaml
+
+    given = yaml.safe_load(config.read_text())
+    specs = (given.get("data") or {}).get("test") or given.get("data.test")
+    if specs is None and "config" in given:
+        return test_specs(config.parent / given["config"], limit)
+    return [spec | {"limit": min(limit, spec.get("limit") or limit)} for spec in specs]
 
 
 def claim(folder: Path) -> bool:
@@ -246,15 +260,17 @@ def execute(task: Task) -> int:
         return subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT).returncode
 
 
-def work(study: Study, phases: tuple[str, ...], jobs: int) -> int:
-    """Run tasks until none is left (``jobs`` at a time); waits while a dependency is still training."""
+def work(study: Study, phases: tuple[str, ...], jobs: int, prefer: str = "train") -> int:
+    """Run tasks until none is left (``jobs`` at a time; ``prefer``'s tasks first); waits while another process
+    holds a task this one could run next."""
     guard, busy, failed = threading.Lock(), set(), set()
 
     def pick() -> Task | None | str:
         """The next task this process may run; "wait" while others (here or in another process) hold runs."""
         with guard:
             train = study.train_tasks()[0] if "train" in phases else []
-            tasks = [t for t in train + (study.eval_tasks() if "evaluate" in phases else []) if t.folder not in failed]
+            evals = study.eval_tasks() if "evaluate" in phases else []
+            tasks = [t for t in (evals + train if prefer == "evaluate" else train + evals) if t.folder not in failed]
             for task in tasks:
                 if task.folder not in busy and claim(task.folder):
                     busy.add(task.folder)
@@ -312,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("phase", choices=["train", "evaluate", "all", "status", "table"])
     parser.add_argument("--out", type=Path, default=Path("/work/runs/smollm2_commonsense"))
     parser.add_argument("--jobs", type=int, default=1, help="tasks at a time (one thread each: OMP_NUM_THREADS=1)")
+    parser.add_argument("--prefer", choices=["train", "evaluate"], default="train",
+                        help="with `all`: which kind of task to take first when both are available")
     args = parser.parse_args(argv)
     study = Study(args.out.resolve())
     if args.phase == "status":
@@ -324,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     phases = ("train", "evaluate") if args.phase == "all" else (args.phase,)
-    return work(study, phases, args.jobs)
+    return work(study, phases, args.jobs, args.prefer)
 
 
 if __name__ == "__main__":
