@@ -119,16 +119,18 @@ def summarise(df: pd.DataFrame, folders: dict[tuple, Path]) -> dict[str, Any]:
                            and {a, b} <= set(table) else None)
             key = "sanity" if b == "zero_shot" else "paired"
             out[key].append({"a": a, "b": b, "dataset": dataset, "scoring": scoring, "prompt": prompt,
-                             "examples_paired": example, "seeds_paired": seed_paired})
+                             "examples_paired": example, "seeds_paired": seed_paired,
+                             "examples_paired_norm": paired_examples(folders, a, b, name, dataset, "correct_norm")})
     return out
 
 
-def paired_examples(folders: dict[tuple, Path], a: str, b: str, name: str, dataset: str) -> dict[str, Any] | None:
-    """a minus b per example (each averaged over the seeds both have), 95% t interval over examples; also the
-    exact sign test of the examples where they differ."""
+def paired_examples(folders: dict[tuple, Path], a: str, b: str, name: str, dataset: str,
+                    key: str = "correct") -> dict[str, Any] | None:
+    """a minus b per example of ``key`` (``correct``: acc, ``correct_norm``: acc_norm), each averaged over the seeds
+    both have, 95% t interval over examples; also the exact sign test of the examples where they differ."""
     def mean_over_seeds(method: str) -> dict[Any, np.ndarray]:
         return {seed: c[dataset] for (m, seed, s), f in folders.items() if m == method and s == name
-                and dataset in (c := correctness(f))}
+                and dataset in (c := correctness(f, key))}
 
     xa, xb = mean_over_seeds(a), mean_over_seeds(b)
     seeds = sorted(set(xa) & set(xb), key=str) if b != "zero_shot" else sorted(xa, key=str)

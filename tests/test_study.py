@@ -9,6 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
 import pytest
 from hf_folder import build_tiny_hf_folder
 from test_module import SMOKE, run_cli, scalars
@@ -138,3 +139,40 @@ def test_evaluation_commands(tmp_path: Path) -> None:
     cmd = study.command(trained)
     assert "--model.init_adapter=/adapter" in cmd and "--model.loglik_prompt=training" in cmd
     assert cmd[cmd.index("--config") + 1].endswith("smollm2_commonsense_moelora.yaml")
+
+
+def fake_eval(folder: Path, correct: dict[str, list[int]], loglik: bool) -> None:
+    folder = folder / "lightning_logs" / "version_0"
+    folder.mkdir(parents=True)
+    results = {d: {"accuracy": float(np.mean(c)), "n": len(c)} | ({"acc": float(np.mean(c)), "acc_norm": 0.5}
+                                                                   if loglik else {}) for d, c in correct.items()}
+    (folder / "test_results.json").write_text(json.dumps(results))
+    rows = [{"dataset": d, "correct": bool(x), "correct_norm": bool(x)} for d, c in correct.items() for x in c]
+    (folder / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_table_rows_and_paired_sanity_check(tmp_path: Path) -> None:
+    import smollm2_study_table as table
+
+    s = study.Study(tmp_path / "runs")
+    for lr, loss in zip(study.INITIAL_LRS, (0.6, 0.5, 0.7), strict=True):
+        finish(s, "lora", lr, loss)
+    for seed in (1, 2):
+        finish(s, "lora", 1e-3, 0.5, seed)
+    zero = [0] * 20 + [1] * 20
+    trained = [1] * 10 + [0] * 10 + [1] * 20                        # 10 more right, none lost
+    for name, scoring, _, _ in study.SCORINGS:
+        fake_eval(tmp_path / "runs" / "zero_shot" / "eval" / name, {"arc_e": zero}, scoring != "generate")
+        if name != "loglikelihood-harness":
+            for seed in study.SEEDS:
+                fake_eval(s.run_folder("lora", 1e-3, seed) / "eval" / name, {"arc_e": trained}, scoring != "generate")
+    table.write_table(s, tmp_path / "results")
+    df = pd.read_csv(tmp_path / "results" / "smollm2_commonsense.csv")
+    assert list(df.columns) == table.COLUMNS and len(df) == 3 + 2 * 3
+    assert set(df[df["method"] == "zero_shot"]["prompt"]) == {"training", "harness"}
+    assert df[df["method"] == "lora"]["lr"].eq(1e-3).all() and df["seed"].isna().sum() == 3
+    summary = json.loads((tmp_path / "results" / "smollm2_commonsense.json").read_text())
+    assert summary["choices"]["lora"]["lr"] == 1e-3
+    (ll,) = [x for x in summary["sanity"] if x["scoring"] == "loglikelihood"]
+    assert ll["examples_paired"]["diff"] == pytest.approx(0.25) and ll["examples_paired"]["t95"][0] > 0
+    assert ll["examples_paired"]["a_better"] == 10 and ll["examples_paired"]["b_better"] == 0
