@@ -16,6 +16,7 @@ Writes into ``experiments/results/``:
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -166,8 +167,8 @@ def write_table(study: Any, results: Path) -> None:
     payload = {"choices": choices, "grid": grid.to_dict("records")} | summary
     (results / "smollm2_commonsense.json").write_text(json.dumps(payload, indent=1, default=float))
     commands = ["# python scripts/smollm2_study.py all --jobs 1   (then: table); each run's and evaluation's command:"]
-    for log in sorted(study.out.rglob("run.json")):
-        commands.append(json.loads(log.read_text())["command"])
+    for log in sorted(study.out.rglob("run.json")):  # without the --ckpt_path of a resumed attempt
+        commands.append(re.sub(r" --ckpt_path \S+", "", json.loads(log.read_text())["command"]))
     for log in sorted(study.out.rglob("test.log")):
         commands += [line[2:] for line in log.read_text(errors="replace").splitlines() if line.startswith("$ ")][-1:]
     (results / "smollm2_commonsense_commands.txt").write_text("\n".join(commands) + "\n")
