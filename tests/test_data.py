@@ -262,6 +262,12 @@ def bad_jsonl(tmp_path: Path) -> str:
          ValueError, r"data\.train\[0\]: .*row 0 \(0-based\): empty 'output'"),
         ({"test": ["synth_add", "synth_add"]}, ValueError, r"data\.test\[1\]: display name 'synth_add' is al"),
         ({"test": [{"name": "gsm8k", "limit": 0}]}, ValueError, r"data\.test\[0\]\.limit must be an integer >= 1"),
+        ({"test": [{"name": "gsm8k", "path": MATH, "offset": -1}]}, ValueError,
+         r"data\.test\[0\]\.offset must be an integer >= 0"),
+        ({"test": [{"name": "gsm8k", "path": MATH, "offset": 4}]}, ValueError,
+         r"data\.test\[0\]\.offset=4: .*rows\.json has only 4 rows; lower the offset"),
+        ({"test": [{"name": "gsm8k", "path": [*MATH, {"instruction": "q", "answer": "x"}], "offset": 2}]},
+         ValueError, r"rows\.json: row 4 \(0-based\): answer 'x' does not fit"),
     ],
 )  # fmt: skip
 def test_config_errors(tmp_path: Path, tok_dir: str, kwargs: dict, error: type, pattern: str) -> None:
@@ -274,6 +280,18 @@ def test_config_errors(tmp_path: Path, tok_dir: str, kwargs: dict, error: type, 
                 spec["path"] = write(tmp_path / "rows.json", spec["path"])
     with pytest.raises(error, match=pattern):
         ReasoningDataModule(tok_dir, **kwargs)
+
+
+def test_offset_slices_rows_after_the_skipped_ones(tok_dir: str, math_file: str) -> None:
+    """A validation slice of a training file: rows [offset, offset + limit), disjoint from the first `offset`."""
+    dm = ReasoningDataModule(tok_dir, train=[{"name": "gsm8k", "path": math_file, "limit": 2}],
+                             val=[{"name": "gsm8k", "path": math_file, "offset": 2, "limit": 1, "alias": "held"}],
+                             test=[{"name": "gsm8k", "path": math_file, "offset": 1}])  # fmt: skip
+    answers = [normalize_gold("gsm8k", r["answer"]) for r in MATH]
+    assert [r["answer"] for r in dm.parts["train"][0].rows] == answers[:2]
+    assert [r["answer"] for r in dm.parts["val"][0].rows] == answers[2:3]
+    assert [r["answer"] for r in dm.parts["test"][0].rows] == answers[1:]
+    assert DatasetSpec("gsm8k").offset == 0
 
 
 def test_tokenizer_errors(tmp_path: Path, math_file: str) -> None:

@@ -8,6 +8,10 @@ teacher-forced, in eval mode without gradients. Per example and layer the gates 
 the shared prompt header; :func:`moelora_lit.analysis.routing.summarise` turns them into the per-layer
 specialisation with its permutation p-value, the gate entropy and the per-task expert use. The result is
 ``<log_dir>/routing_probe.json`` (a few tens of kB); runs with one expert (LoRA) write nothing.
+
+Real data instead of the synthetic families: ``data`` lists LLM-Adapters files, one task each, e.g.
+``{name: arc_e, path: ARC-Easy/train.json, offset: 1000}`` (held-out rows of a training file). The step-0 summary
+travels in the training checkpoint, so a resumed run compares against the router it started from.
 """
 
 from __future__ import annotations
@@ -36,17 +40,29 @@ class RoutingProbe(L.Callback):
         limit: rows per task.
         permutations: task-label permutations for the p-values.
         batch_size: rows per forward.
+        data: LLM-Adapters files to read instead, each ``{name, path, offset}`` (``limit`` rows from ``offset``);
+            the names become the tasks.
     """
 
     def __init__(self, tasks: list[str] | None = None, split: str = "test", limit: int = 50,
-                 permutations: int = 2000, batch_size: int = 50) -> None:
-        self.tasks = list(tasks or SYNTHETIC_TASKS)
+                 permutations: int = 2000, batch_size: int = 50, data: list[dict[str, Any]] | None = None) -> None:
+        self.data = [dict(d) for d in data or []]
+        for i, spec in enumerate(self.data):
+            if not {"name", "path"} <= set(spec) or not Path(spec["path"]).is_file():
+                raise ValueError(f"RoutingProbe data[{i}]={spec}: needs 'name' and 'path' of an existing JSON file")
+        self.tasks = [d["name"] for d in self.data] if self.data else list(tasks or SYNTHETIC_TASKS)
         self.split, self.limit, self.permutations, self.batch_size = split, limit, permutations, batch_size
         self.step0: dict[str, Any] | None = None
 
+    def _rows(self, i: int) -> list[dict[str, Any]]:
+        if not self.data:
+            return synthetic_rows(self.tasks[i], self.split, self.limit)
+        offset = int(self.data[i].get("offset", 0))
+        return json.loads(Path(self.data[i]["path"]).read_text())[offset:offset + self.limit]
+
     def _texts(self) -> tuple[list[str], np.ndarray]:
-        rows = [(i, build_prompt("alpaca", r["instruction"]) + r["output"])
-                for i, task in enumerate(self.tasks) for r in synthetic_rows(task, self.split, self.limit)]
+        rows = [(i, build_prompt("alpaca", r["instruction"], r.get("input", "")) + r["output"])
+                for i in range(len(self.tasks)) for r in self._rows(i)]
         random.Random(0).shuffle(rows)  # mixed batches: the random router's eval gates depend on the position
         return [t for _, t in rows], np.array([i for i, _ in rows])
 
@@ -93,8 +109,15 @@ class RoutingProbe(L.Callback):
         _, labels = self._texts()
         return {"layers": names} | summarise(loads, labels, self.tasks, entropy, self.permutations)
 
+    def state_dict(self) -> dict[str, Any]:
+        return {"step0": json.dumps(self.step0)}  # a string: checkpoints load with weights_only=True
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.step0 = json.loads(state_dict.get("step0", "null"))
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.step0 = self._summary(pl_module)
+        if self.step0 is None or trainer.global_step == 0:  # a resumed run keeps the step-0 state it restored
+            self.step0 = self._summary(pl_module)
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         trained = self._summary(pl_module)

@@ -39,7 +39,9 @@ class DatasetSpec:
         hub_id: override the registry's hub id (also a local dataset folder for `datasets.load_dataset`).
         hub_config: hub configuration name.
         split: default ``"train"`` for train specs, else the registry's eval split.
-        limit: keep the first N rows.
+        limit: keep the first N rows (after ``offset``).
+        offset: skip the first N rows first, e.g. a validation slice ``{path: train.json, offset: 1000, limit: 150}``
+            of a training file whose first rows are trained on.
         alias: display name used in metric tags (default: the canonical name).
     """
 
@@ -50,6 +52,7 @@ class DatasetSpec:
     split: str | None = None
     limit: int | None = None
     alias: str | None = None
+    offset: int = 0
 
 
 @dataclass
@@ -152,6 +155,7 @@ class ReasoningDataModule(LightningDataModule):
         for i, raw in enumerate(specs):
             spec = _as_spec(raw, f"data.{role}[{i}]")
             _positive(spec.limit, f"data.{role}[{i}].limit", allow_none=True)
+            _positive(spec.offset, f"data.{role}[{i}].offset", minimum=0)
             if spec.path is not None and not os.path.exists(os.path.expanduser(str(spec.path))):
                 raise FileNotFoundError(f"data.{role}[{i}].path: {spec.path} does not exist")
             out.append(dataclasses.replace(spec, name=resolve_name(spec.name, f"data.{role}[{i}].name")))
@@ -168,13 +172,18 @@ class ReasoningDataModule(LightningDataModule):
 
     def _load(self, spec: DatasetSpec, role: str, i: int) -> _Part:
         key = f"data.{role}[{i}]"
+        limit = None if spec.limit is None else spec.offset + spec.limit
         raw, origin = load_raw(spec.name, role, spec.path, spec.hub_id, spec.hub_config, spec.split,
-                               spec.limit, self.seed, self.cache_dir, key)  # fmt: skip
+                               limit, self.seed, self.cache_dir, key)  # fmt: skip
+        if spec.offset:
+            if spec.offset >= len(raw):
+                raise ValueError(f"{key}.offset={spec.offset}: {origin} has only {len(raw)} rows; lower the offset")
+            raw = raw[spec.offset:]
         rows = convert_rows(raw, origin, key)
         mixed = REGISTRY[spec.name].mixed
         kind = None if mixed else answer_kind(spec.name)
         for n, row in enumerate(rows):
-            where = f"{key}: {origin}: row {n} (0-based)"
+            where = f"{key}: {origin}: row {n + spec.offset} (0-based)"
             if role == "train" and not row["output"].strip():
                 raise ValueError(f"{where}: empty 'output' (the response to train on)")
             if kind is None:

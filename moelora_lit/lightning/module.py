@@ -249,8 +249,9 @@ class MoELoRAModule(L.LightningModule):
         name = self._name("val", dataloader_idx)
         if (batch["labels"][:, 1:] != -100).any():  # a batch of fully truncated responses has no loss
             losses = self.compute_losses(batch)
-            self.log("val/loss", losses["task_loss"], batch_size=batch["input_ids"].shape[0],
-                     add_dataloader_idx=False, sync_dist=True)
+            several = len(self._dataset_names("val")) > 1  # Lightning refuses one key from several dataloaders
+            self.log(f"val/loss/{name}" if several else "val/loss", losses["task_loss"],
+                     batch_size=batch["input_ids"].shape[0], add_dataloader_idx=False, sync_dist=True)
         if self.generate_on_validation:
             self._score(batch, name)
 

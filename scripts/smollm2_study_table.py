@@ -1,0 +1,175 @@
+"""Tables of the SmolLM2 common-sense study (``python scripts/smollm2_study.py table``), from its run folders.
+
+Writes into ``experiments/results/``:
+
+- ``smollm2_commonsense.csv``: one row per method, seed, dataset and scoring (``zero_shot`` has no seed):
+  ``method,seed,dataset,scoring,prompt,acc,acc_norm,n,lr,aux_reduction``.
+- ``smollm2_commonsense_grid.csv``: every training run (variant, lr, seed, validation loss, s/step).
+- ``smollm2_commonsense.json``: the choices, per method and dataset the seed mean with its 95% t interval and each
+  seed's Wilson interval, paired differences between methods (seeds paired: t over seeds; examples paired:
+  per-example correctness averaged over the shared seeds, 95% t interval over examples), the sanity check
+  (LoRA minus zero-shot, examples paired), and the routing summary.
+- ``smollm2_commonsense_routing/<method>_seed<S>.json``: each chosen MoELoRA run's ``routing_probe.json``.
+- ``smollm2_commonsense_commands.txt``: the exact command of every run and evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+from scipy.stats import binomtest
+
+from moelora_lit.analysis.routing import load_summaries, specialisation_table
+from moelora_lit.analysis.stats import paired_t, t_interval
+
+COLUMNS = ["method", "seed", "dataset", "scoring", "prompt", "acc", "acc_norm", "n", "lr", "aux_reduction"]
+PAIRS = [("moelora", "lora"), ("moelora", "moelora_no_contrastive"), ("moelora_no_contrastive", "lora")]
+
+
+def newest(folder: Path, name: str) -> Path | None:
+    found = sorted(folder.rglob(name), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    return found[-1] if found else None
+
+
+def eval_rows(folder: Path, meta: dict[str, Any], scoring: tuple) -> list[dict[str, Any]]:
+    """CSV rows of one evaluation folder (empty until its ``test_results.json`` exists)."""
+    path = newest(folder, "test_results.json")
+    if path is None:
+        return []
+    rows = []
+    for dataset, r in json.loads(path.read_text()).items():
+        rows.append(meta | {"dataset": dataset, "scoring": scoring[1], "prompt": scoring[2],
+                            "acc": r.get("acc", r.get("accuracy")), "acc_norm": r.get("acc_norm"), "n": r["n"]})
+    return rows
+
+
+def correctness(folder: Path, key: str = "correct") -> dict[str, np.ndarray]:
+    """Per dataset, the per-example 0/1 ``key`` of the newest ``predictions.jsonl`` under ``folder``, in order."""
+    path = newest(folder, "predictions.jsonl")
+    out: dict[str, list[float]] = {}
+    for line in path.read_text().splitlines() if path else []:
+        row = json.loads(line)
+        if key in row:
+            out.setdefault(row["dataset"], []).append(float(row[key]))
+    return {k: np.asarray(v) for k, v in out.items()}
+
+
+def collect(study: Any) -> tuple[pd.DataFrame, pd.DataFrame, dict[str, Any], dict[tuple, Path]]:
+    """(results, grid, choices, {(method, seed, scoring name): eval folder})."""
+    from smollm2_study import METHODS, SCORINGS, SEEDS  # noqa: PLC0415
+
+    rows, folders = [], {}
+    for s in SCORINGS:
+        folder = study.out / "zero_shot" / "eval" / s[0]
+        rows += eval_rows(folder, {"method": "zero_shot", "seed": None, "lr": None, "aux_reduction": None}, s)
+        folders[("zero_shot", None, s[0])] = folder
+    grid = []
+    for variant_dir in sorted((study.out / "train").glob("*")):
+        for run in sorted(p for p in variant_dir.glob("lr*/*/seed*") if p.name[4:].isdigit()):
+            info = study.trained(run) or {}
+            grid.append({"variant": variant_dir.name, "lr": float(run.parents[1].name[2:]),
+                         "seed": int(run.name[4:]), "val_loss": info.get("val_loss"),
+                         "s_per_step": info.get("s_per_step"), "steps": info.get("steps")})
+    choices = {}
+    for method in METHODS:
+        chosen = study.choice(method)
+        if chosen is None:
+            continue
+        variant, lr = chosen
+        reduction = variant.split("-")[1] if "-" in variant else None
+        choices[method] = {"variant": variant, "lr": lr, "aux_reduction": reduction}
+        for seed in SEEDS:
+            for s in SCORINGS:
+                folder = study.run_folder(variant, lr, seed) / "eval" / s[0]
+                meta = {"method": method, "seed": seed, "lr": lr, "aux_reduction": reduction}
+                rows += eval_rows(folder, meta, s)
+                folders[(method, seed, s[0])] = folder
+    return pd.DataFrame(rows, columns=COLUMNS), pd.DataFrame(grid), choices, folders
+
+
+def summarise(df: pd.DataFrame, folders: dict[tuple, Path]) -> dict[str, Any]:
+    """Intervals per method and the paired comparisons (see the module docstring)."""
+    from smollm2_study import SCORINGS  # noqa: PLC0415
+
+    out: dict[str, Any] = {"methods": [], "paired": [], "sanity": []}
+    for (method, dataset, scoring, prompt), block in df.groupby(["method", "dataset", "scoring", "prompt"],
+                                                                dropna=False):
+        mean, low, high, n = t_interval(block["acc"])
+        seeds = []
+        for _, r in block.iterrows():
+            ci = binomtest(round(r["acc"] * r["n"]), int(r["n"])).proportion_ci(method="wilson")
+            seeds.append({"seed": r["seed"], "acc": r["acc"], "wilson95": [ci.low, ci.high], "n": int(r["n"])})
+        out["methods"].append({"method": method, "dataset": dataset, "scoring": scoring, "prompt": prompt,
+                               "acc_mean": mean, "t95": [low, high], "seeds": n, "per_seed": seeds,
+                               "acc_norm_mean": block["acc_norm"].astype(float).mean()})
+    names = {(s[1], s[2]): s[0] for s in SCORINGS}
+    for (dataset, scoring, prompt), block in df.groupby(["dataset", "scoring", "prompt"]):
+        table = block.pivot_table(index="seed", columns="method", values="acc")
+        name = names[(scoring, prompt)]
+        for a, b in PAIRS + [("lora", "zero_shot")]:
+            example = paired_examples(folders, a, b, name, dataset)
+            if example is None:
+                continue
+            seed_paired = (paired_t(table[a].dropna(), table[b].dropna()) if b != "zero_shot"
+                           and {a, b} <= set(table) else None)
+            key = "sanity" if b == "zero_shot" else "paired"
+            out[key].append({"a": a, "b": b, "dataset": dataset, "scoring": scoring, "prompt": prompt,
+                             "examples_paired": example, "seeds_paired": seed_paired,
+                             "examples_paired_norm": paired_examples(folders, a, b, name, dataset, "correct_norm")})
+    return out
+
+
+def paired_examples(folders: dict[tuple, Path], a: str, b: str, name: str, dataset: str,
+                    key: str = "correct") -> dict[str, Any] | None:
+    """a minus b per example of ``key`` (``correct``: acc, ``correct_norm``: acc_norm), each averaged over the seeds
+    both have, 95% t interval over examples; also the exact sign test of the examples where they differ."""
+    def mean_over_seeds(method: str) -> dict[Any, np.ndarray]:
+        return {seed: c[dataset] for (m, seed, s), f in folders.items() if m == method and s == name
+                and dataset in (c := correctness(f, key))}
+
+    xa, xb = mean_over_seeds(a), mean_over_seeds(b)
+    seeds = sorted(set(xa) & set(xb), key=str) if b != "zero_shot" else sorted(xa, key=str)
+    if not seeds or not xb:
+        return None
+    ya = np.mean([xa[s] for s in seeds], axis=0)
+    yb = np.mean([xb[s] for s in seeds], axis=0) if b != "zero_shot" else next(iter(xb.values()))
+    if ya.shape != yb.shape:
+        return None
+    diff = ya - yb
+    mean, low, high, n = t_interval(diff)
+    wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
+    p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
+    return {"diff": mean, "t95": [low, high], "n": n, "seeds": [s for s in seeds if s is not None],
+            "a_better": wins, "b_better": losses, "sign_test_p": p}
+
+
+def write_table(study: Any, results: Path) -> None:
+    """Write the CSV, grid CSV, JSON, routing files and commands (see the module docstring)."""
+    df, grid, choices, folders = collect(study)
+    results.mkdir(parents=True, exist_ok=True)
+    df.astype({"seed": "Int64"}).to_csv(results / "smollm2_commonsense.csv", index=False)  # zero-shot: no seed
+    grid.to_csv(results / "smollm2_commonsense_grid.csv", index=False)
+    routing = results / "smollm2_commonsense_routing"
+    for (method, seed, _), folder in folders.items():
+        probe = newest(folder.parent.parent, "routing_probe.json") if method != "zero_shot" else None
+        if probe is not None:
+            routing.mkdir(exist_ok=True)
+            shutil.copyfile(probe, routing / f"{method}_seed{seed}.json")
+    summary = summarise(df, folders) if len(df) else {}
+    if routing.is_dir():
+        summary["routing"] = specialisation_table(load_summaries(routing)).to_dict("records")
+    payload = {"choices": choices, "grid": grid.to_dict("records")} | summary
+    (results / "smollm2_commonsense.json").write_text(json.dumps(payload, indent=1, default=float))
+    commands = ["# python scripts/smollm2_study.py all --jobs 1   (then: table); each run's and evaluation's command:"]
+    for log in sorted(study.out.rglob("run.json")):  # without the --ckpt_path of a resumed attempt
+        commands.append(re.sub(r" --ckpt_path \S+", "", json.loads(log.read_text())["command"]))
+    for log in sorted(study.out.rglob("test.log")):
+        commands += [line[2:] for line in log.read_text(errors="replace").splitlines() if line.startswith("$ ")][-1:]
+    (results / "smollm2_commonsense_commands.txt").write_text("\n".join(commands) + "\n")
+    print(f"{len(df)} result rows, {len(grid)} training runs -> {results}")
