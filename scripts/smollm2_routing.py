@@ -27,8 +27,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moelora_lit.analysis.routing import load_summaries, per_layer, short_layer_name
+from moelora_lit.analysis.routing import load_summaries, per_layer
 from moelora_lit.analysis.stats import paired_t
+from moelora_lit.lightning.figures import short_layer_name
 
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 A, B = "moelora", "moelora_no_contrastive"
@@ -57,7 +58,7 @@ def differences(summaries: Mapping[tuple[str, int], Any]) -> pd.DataFrame:
 
 def grid(table: pd.DataFrame, value: str = "diff") -> pd.DataFrame:
     """(blocks x projections) of one comparison's per-layer ``value``; layers are ``model.layers.<b>.*.<proj>``."""
-    names = table["layer"].map(short_layer_name).str.split(".", n=1, expand=True)
+    names = table["layer"].map(short_layer_name).str.removeprefix("L").str.split(" ", n=1, expand=True)  # "L3 q_proj"
     out = pd.DataFrame({"block": names[0].astype(int), "proj": names[1], value: table[value].to_numpy()})
     return out.pivot(index="block", columns="proj", values=value).reindex(columns=PROJECTIONS)
 
