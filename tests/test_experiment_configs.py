@@ -18,8 +18,8 @@ from torch import nn
 
 from moelora_lit.__main__ import MoELoRACLI, main
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.data.datamodule import _as_spec
 from moelora_lit.data.formats import resolve_name
+from moelora_lit.data.specs import as_spec
 from moelora_lit.inject import inject_moelora
 
 EXPERIMENTS = Path(__file__).resolve().parents[1] / "experiments"
@@ -109,7 +109,7 @@ def test_every_config_parses_alone(path: Path) -> None:
     adapter_of(config)  # r divisible by num_experts, top_k <= num_experts, known router, ...
     for role in ("train", "val", "test"):
         for i, spec in enumerate(config["data"][role] or []):
-            resolve_name(_as_spec(spec, f"data.{role}[{i}]").name, f"{path.name}: data.{role}[{i}].name")
+            resolve_name(as_spec(spec, f"data.{role}[{i}]").name, f"{path.name}: data.{role}[{i}].name")
 
 
 @pytest.mark.parametrize("name", sorted(REPRODUCTION))

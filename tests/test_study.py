@@ -129,13 +129,15 @@ def test_routing_grid_puts_each_layer_in_its_block_and_projection() -> None:
 
 
 def test_evaluation_commands(tmp_path: Path) -> None:
-    zero = study.Task("zero_shot", "zero_shot", None, None, tmp_path / "generate", study.SCORINGS[0])
+    scoring = {s[0]: s for s in study.SCORINGS}
+    zero = study.Task("zero_shot", "zero_shot", None, None, tmp_path / "generate", scoring["generate"])
     cmd = study.command(zero)
     assert "test" in cmd and not any(a.startswith("--model.init_adapter") for a in cmd)
     specs = json.loads(next(a for a in cmd if a.startswith("--data.test="))[len("--data.test="):])
     assert [s["name"] for s in specs] == ["arc_e", "boolq", "piqa"]
     assert all(s["limit"] == study.GENERATE_LIMIT and Path(s["path"]).name == "test.json" for s in specs)
-    trained = study.Task("moelora", "moelora-sum", 1e-3, 1, tmp_path / "ll", study.SCORINGS[1], "/adapter")
+    trained = study.Task("moelora", "moelora-sum", 1e-3, 1, tmp_path / "ll", scoring["loglikelihood-training"],
+                         "/adapter")
     cmd = study.command(trained)
     assert "--model.init_adapter=/adapter" in cmd and "--model.loglik_prompt=training" in cmd
     assert cmd[cmd.index("--config") + 1].endswith("smollm2_commonsense_moelora.yaml")

@@ -7,7 +7,7 @@ notebooks) imports without torch, Lightning or ``datasets``.
 from importlib import import_module
 
 _WHERE = {
-    "DatasetSpec": "datamodule",
+    "DatasetSpec": "specs",
     "ReasoningDataModule": "datamodule",
     "REGISTRY": "formats",
     "convert_rows": "formats",

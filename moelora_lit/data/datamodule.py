@@ -4,7 +4,7 @@ Rows are read and validated in ``__init__`` (cheap, and before any model is load
 happens in ``setup``. Train batches hold ``input_ids`` / ``attention_mask`` / ``labels`` (right
 padded, prompt tokens masked to -100). Eval batches add the prompt alone, left padded, for
 generation (``prompt_input_ids`` / ``prompt_attention_mask``) and python lists ``dataset``,
-``task``, ``answer``, ``prompt``, ``instruction``, ``index``. There is one eval dataloader per spec,
+``task``, ``answer``, ``prompt``, ``instruction``, ``index``, ``response``. There is one eval dataloader per spec,
 in the order of `val_names` / `test_names`.
 """
 
@@ -26,33 +26,8 @@ from moelora_lit.data.formats import REGISTRY, convert_rows, resolve_name
 from moelora_lit.data.prompts import check_template
 from moelora_lit.data.resumable import ResumableDataLoader
 from moelora_lit.data.sources import load_raw
+from moelora_lit.data.specs import DatasetSpec, as_spec, check_positive, rewrite_responses
 from moelora_lit.eval.answers import answer_kind, normalize_gold
-
-
-@dataclass
-class DatasetSpec:
-    """One dataset of a split.
-
-    Attributes:
-        name: registry name (``gsm8k``, ``commonsense_170k``, ``synth_add``, ...).
-        path: local JSON / JSONL / parquet file, or a folder holding ``test.json`` / ``train.json``.
-        hub_id: override the registry's hub id (also a local dataset folder for `datasets.load_dataset`).
-        hub_config: hub configuration name.
-        split: default ``"train"`` for train specs, else the registry's eval split.
-        limit: keep the first N rows (after ``offset``).
-        offset: skip the first N rows first, e.g. a validation slice ``{path: train.json, offset: 1000, limit: 150}``
-            of a training file whose first rows are trained on.
-        alias: display name used in metric tags (default: the canonical name).
-    """
-
-    name: str
-    path: str | None = None
-    hub_id: str | None = None
-    hub_config: str | None = None
-    split: str | None = None
-    limit: int | None = None
-    alias: str | None = None
-    offset: int = 0
 
 
 @dataclass
@@ -64,31 +39,7 @@ class _Part:
     display: str
     origin: str
     rows: list[dict[str, str]]
-
-
-def _as_spec(spec: DatasetSpec | dict | str, key: str) -> DatasetSpec:
-    if isinstance(spec, str):
-        return DatasetSpec(name=spec)
-    if isinstance(spec, DatasetSpec):
-        return spec
-    if isinstance(spec, dict) or hasattr(spec, "__dict__"):
-        values = dict(spec) if isinstance(spec, dict) else dict(vars(spec))
-        values = {k: v for k, v in values.items() if not k.startswith("__")}  # jsonargparse's __path__
-        fields = [f.name for f in dataclasses.fields(DatasetSpec)]
-        unknown = sorted(set(values) - set(fields))
-        if unknown:
-            raise ValueError(f"{key}: unknown key(s) {unknown}; valid keys: {fields}")
-        if "name" not in values:
-            raise ValueError(f"{key}: missing 'name' (one of: {', '.join(REGISTRY)})")
-        return DatasetSpec(**values)
-    raise ValueError(f"{key}: expected a dataset spec (name / dict / DatasetSpec), got {spec!r}")
-
-
-def _positive(value: Any, key: str, allow_none: bool = False, minimum: int = 1) -> None:
-    if value is None and allow_none:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"{key} must be an integer >= {minimum}, got {value!r}")
+    response: str = "dataset"
 
 
 class ReasoningDataModule(LightningDataModule):
@@ -124,10 +75,10 @@ class ReasoningDataModule(LightningDataModule):
         cache_dir: str | None = None,
     ) -> None:
         super().__init__()
-        _positive(batch_size, "data.batch_size")
-        _positive(eval_batch_size, "data.eval_batch_size", allow_none=True)
-        _positive(max_length, "data.max_length", minimum=2)
-        _positive(num_workers, "data.num_workers", minimum=0)
+        check_positive(batch_size, "data.batch_size")
+        check_positive(eval_batch_size, "data.eval_batch_size", allow_none=True)
+        check_positive(max_length, "data.max_length", minimum=2)
+        check_positive(num_workers, "data.num_workers", minimum=0)
         check_template(prompt_template)
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
         self.max_length, self.prompt_template = max_length, prompt_template
@@ -153,9 +104,9 @@ class ReasoningDataModule(LightningDataModule):
             specs = [specs]
         out = []
         for i, raw in enumerate(specs):
-            spec = _as_spec(raw, f"data.{role}[{i}]")
-            _positive(spec.limit, f"data.{role}[{i}].limit", allow_none=True)
-            _positive(spec.offset, f"data.{role}[{i}].offset", minimum=0)
+            spec = as_spec(raw, f"data.{role}[{i}]")
+            check_positive(spec.limit, f"data.{role}[{i}].limit", allow_none=True)
+            check_positive(spec.offset, f"data.{role}[{i}].offset", minimum=0)
             if spec.path is not None and not os.path.exists(os.path.expanduser(str(spec.path))):
                 raise FileNotFoundError(f"data.{role}[{i}].path: {spec.path} does not exist")
             out.append(dataclasses.replace(spec, name=resolve_name(spec.name, f"data.{role}[{i}].name")))
@@ -195,7 +146,8 @@ class ReasoningDataModule(LightningDataModule):
                     f"{where}: answer {row['answer']!r} does not fit dataset '{spec.name}' (expected a {kind} "
                     f"answer); is {key}.name right?"
                 ) from None
-        return _Part(key, spec.name, spec.alias or spec.name, origin, rows)
+        rewrite_responses(rows, spec, key, origin)
+        return _Part(key, spec.name, spec.alias or spec.name, origin, rows, spec.response)
 
     @staticmethod
     def _load_tokenizer(name: str) -> Any:
@@ -284,7 +236,8 @@ class ReasoningDataModule(LightningDataModule):
                 "tokens; their teacher-forced loss sees a truncated text (generation uses the full prompt)"
             )
         ds = ds.add_column("dataset", [part.display] * len(ds)).add_column("task", [part.task] * len(ds))
-        return ds.add_column("index", list(range(len(ds))))
+        ds = ds.add_column("index", list(range(len(ds))))
+        return ds.add_column("response", [part.response] * len(ds))
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenize the splits `stage` needs ("fit", "validate", "test", "predict" or None for all)."""

@@ -11,7 +11,8 @@ A question is then scored as a list of ``(context, continuation)`` pairs (:class
   following the context after one space. WinoGrande is "partial scoring" as the harness does it: each option fills
   the blank and the shared rest of the sentence is the continuation.
 - ``training``: the Alpaca prompt the adapter was trained with, each option written as the trained response
-  writes it (``the correct answer is answer2``; AQuA: ``The answer is B.``).
+  writes it (``the correct answer is answer2``; AQuA: ``The answer is B.``; with the ``option_first`` response
+  style the option's text comes first, :func:`trained_response`).
 
 ``acc_norm`` divides by the character length of what the harness calls the choice (the option text; for
 WinoGrande the filled-in context), as ``lm_eval.api.task.ConfigurableTask.process_results`` does.
@@ -25,6 +26,8 @@ from dataclasses import dataclass
 from moelora_lit.eval.answers import canonical_dataset
 
 LOGLIK_PROMPTS = ("harness", "training")
+# How a trained response names the chosen option (``data.<split>[i].response``, :func:`trained_response`).
+RESPONSES = ("dataset", "option_first")
 # Datasets whose options can be scored; the math sets (numbers) are generated.
 MULTIPLE_CHOICE = ("arc_e", "arc_c", "obqa", "piqa", "siqa", "hellaswag", "winogrande", "boolq", "aqua")
 
@@ -146,12 +149,28 @@ def harness_requests(q: Question) -> Requests:
                     q.gold)
 
 
-def training_requests(q: Question, prompt: str) -> Requests:
-    """The trained prompt (``prompt``, already rendered) and each option as the trained response writes it."""
+def trained_response(q: Question, option: int, response: str = "dataset") -> str:
+    """The response that names option ``option`` in style ``response`` (one of :data:`RESPONSES`).
+
+    ``dataset``: LLM-Adapters' own (``the correct answer is answer2``; AQuA: ``The answer is B.``).
+    ``option_first``: the option's text first, then that statement (``a bacterial population in the bloodstream,
+    so the correct answer is answer2``) for the sets with numbered options; BoolQ (whose options are the answer
+    words) and AQuA (trained on rationales) keep ``dataset``.
+    """
+    if response not in RESPONSES:
+        raise ValueError(f"response {response!r}: choose one of {', '.join(RESPONSES)}")
+    label = q.labels[option]
     if q.task == "aqua":
-        responses = tuple(f"The answer is {label}." for label in q.labels)
-    else:
-        responses = tuple(f"the correct answer is {label}" for label in q.labels)
+        return f"The answer is {label}."
+    stated = f"the correct answer is {label}"
+    if response == "option_first" and q.task != "boolq":
+        return f"{q.options[option]}, so {stated}"
+    return stated
+
+
+def training_requests(q: Question, prompt: str, response: str = "dataset") -> Requests:
+    """The trained prompt (``prompt``, already rendered) and each option as the trained response writes it."""
+    responses = tuple(trained_response(q, i, response) for i in range(len(q.options)))
     return Requests((prompt,) * len(responses), responses, tuple(len(r) for r in responses), q.gold)
 
 

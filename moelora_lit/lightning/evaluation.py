@@ -115,8 +115,9 @@ def loglik_rows(module: Any, batch: dict[str, Any], name: str, key: str) -> list
             questions.append(parse_question(task, instruction, answer))
         except ValueError as err:
             raise ValueError(f"dataset '{name}': row {index} (0-based): {err}") from None
-    requests = [harness_requests(q) if prompt == "harness" else training_requests(q, p)
-                for q, p in zip(questions, batch["prompt"], strict=True)]
+    styles = batch.get("response") or ["dataset"] * len(questions)
+    requests = [harness_requests(q) if prompt == "harness" else training_requests(q, p, style)
+                for q, p, style in zip(questions, batch["prompt"], styles, strict=True)]
     logliks = score_questions(module.model, module.tokenizer, requests, joint=prompt == "harness",
                               max_sequences=module.loglik_batch_sequences)
     rows = []
