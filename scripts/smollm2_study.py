@@ -43,6 +43,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from smollm2_study_ledger import archive, restore
+
 ROOT = Path(__file__).resolve().parents[1]
 SWEEP = ROOT / "scripts" / "sweep.py"
 METHOD_NAMES = ("lora", "moelora", "moelora_no_contrastive")
@@ -56,6 +58,7 @@ SEEDS = (0, 1, 2)
 SCORINGS = [("loglikelihood-training", "loglikelihood", "training", False),
             ("loglikelihood-harness", "loglikelihood", "harness", True), ("generate", "generate", "training", False)]
 RESULTS = ROOT / "experiments" / "results"
+LEDGER = RESULTS / "smollm2_commonsense_runs"  # committed records of finished runs (smollm2_study_ledger.py)
 GENERATE_LIMIT = 200  # rows per test set scored by generation (up to 40 new tokens: the costliest scoring)
 
 
@@ -88,12 +91,16 @@ class Study:
         method = variant.split("-")[0]
         return self.out / "train" / variant / f"lr{lr:g}" / CONFIGS[method].stem / f"seed{seed}"
 
-    def trained(self, folder: Path) -> dict[str, Any] | None:
-        """``{"val_loss", "adapter", "s_per_step", ...}`` of a finished run (cached in ``train_done.json``)."""
+    def trained(self, folder: Path, need_adapter: bool = False) -> dict[str, Any] | None:
+        """``{"val_loss", "adapter", "s_per_step", ...}`` of a finished run (cached in ``train_done.json``); with
+        ``need_adapter``, None when the cached run's adapter is gone (a restored record, see the ledger)."""
         done = folder / "train_done.json"
         if done.is_file():
-            return json.loads(done.read_text())
-        for version in sorted((folder / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime):
+            info = json.loads(done.read_text())
+            if not need_adapter or info.get("adapter") is None or Path(info["adapter"]).is_dir():
+                return info
+        versions = sorted((folder / "lightning_logs").glob("version_*"), key=lambda p: p.stat().st_mtime)
+        for version in reversed(versions):  # the newest finished version
             if (version / "adapter" / "adapter.safetensors").is_file():
                 scalars = read_scalars(version)
                 per_set = {t.removeprefix("val/loss/"): v[-1] for t, v in scalars.items() if t.startswith("val/loss")}
@@ -156,9 +163,15 @@ class Study:
             chosen = self.choice(method)
             open_ |= chosen is None
             if chosen is not None:
-                tasks += [Task(method, chosen[0], chosen[1], s, self.run_folder(chosen[0], chosen[1], s))
-                          for s in SEEDS if self.trained(self.run_folder(chosen[0], chosen[1], s)) is None]
+                runs = {s: self.run_folder(chosen[0], chosen[1], s) for s in SEEDS}
+                tasks += [Task(method, chosen[0], chosen[1], s, run) for s, run in runs.items()
+                          if self.trained(run, need_adapter=self.evals_missing(run)) is None]
         return tasks, open_ or bool(tasks)
+
+    @staticmethod
+    def evals_missing(run: Path) -> bool:
+        """Whether a trained run still lacks one of its evaluations."""
+        return any(not any((run / "eval" / s[0]).rglob("test_results.json")) for s in SCORINGS if not s[3])
 
     def eval_tasks(self) -> list[Task]:
         """Evaluations of the trained chosen runs and of the zero-shot base that have no results yet."""
@@ -170,8 +183,8 @@ class Study:
                 continue
             for seed in SEEDS:
                 run = self.run_folder(chosen[0], chosen[1], seed)
-                if self.trained(run) is not None:
-                    adapter = self.trained(run)["adapter"]
+                if (info := self.trained(run, need_adapter=self.evals_missing(run))) is not None:
+                    adapter = info["adapter"]
                     tasks += [Task(method, chosen[0], chosen[1], seed, run / "eval" / s[0], s, adapter)
                               for s in SCORINGS if not s[3]]
         return [t for t in tasks if not any(t.folder.rglob("test_results.json"))
@@ -264,6 +277,7 @@ def work(study: Study, phases: tuple[str, ...], jobs: int, prefer: str = "train"
     """Run tasks until none is left (``jobs`` at a time; ``prefer``'s tasks first); waits while another process
     holds a task this one could run next."""
     guard, busy, failed = threading.Lock(), set(), set()
+    print(f"restored {restore(LEDGER, study.out)} records from {LEDGER.relative_to(ROOT)}", flush=True)
 
     def pick() -> Task | None | str:
         """The next task this process may run; "wait" while others (here or in another process) hold runs."""
@@ -293,7 +307,7 @@ def work(study: Study, phases: tuple[str, ...], jobs: int, prefer: str = "train"
             (task.folder / ".lock").unlink(missing_ok=True)
             with guard:
                 busy.discard(task.folder)
-                done = (study.trained(task.folder) is not None if task.scoring is None
+                done = (study.trained(task.folder, need_adapter=True) is not None if task.scoring is None
                         else any(task.folder.rglob("test_results.json")))
                 if not done and code == 0 and task.scoring is None:  # a resumed fit that had nothing left to
                     aside = task.folder.with_name(f"{task.folder.name}.incomplete-{int(time.time())}")  # train but
@@ -301,6 +315,7 @@ def work(study: Study, phases: tuple[str, ...], jobs: int, prefer: str = "train"
                     print(f"{task.label}: ended without a validation loss; moved to {aside.name}", flush=True)
                 elif not done:
                     failed.add(task.folder)
+                archive(study.out, LEDGER)
             print(f"{time.strftime('%H:%M:%S')} {'done' if done else f'FAILED (exit {code})'} {task.label} "
                   f"in {time.time() - start:.0f} s", flush=True)
 

@@ -195,3 +195,47 @@ def test_prompt_default_follows_the_adapter(tmp_path: Path) -> None:
     assert resolve_loglik_prompt(MoELoRAModule(base_model=TINY, loglik_prompt="harness")) == "harness"
     with pytest.raises(ValueError, match="model.loglik_prompt='alpaca'"):
         MoELoRAModule(base_model=TINY, loglik_prompt="alpaca")
+
+
+def test_option_first_responses_are_trained_and_scored_alike(tmp_path: Path) -> None:
+    """``response: option_first`` writes the gold option's text before the closing statement into the training
+    rows, and the ``training`` prompt scores every option in that same style (BoolQ keeps its answer words)."""
+    from moelora_lit.data import ReasoningDataModule
+
+    rows = arc_rows(6, seed=3)
+    path = tmp_path / "arc.json"
+    path.write_text(json.dumps(rows))
+    dm = ReasoningDataModule(TINY, train=[{"name": "arc_e", "path": str(path), "response": "option_first"}])
+    for raw, row in zip(rows, dm.parts["train"][0].rows, strict=True):
+        q = parse_question("arc_e", raw["instruction"], raw["answer"])
+        assert row["output"] == f"{q.options[q.gold]}, so the correct answer is {raw['answer']}"
+        assert training_requests(q, "P", "option_first").continuations[q.gold] == row["output"]
+    boolq = parse_question("boolq", "Please answer the following question with true or false, question: is it?"
+                                    "\n\nAnswer format: true/false", "true")
+    assert training_requests(boolq, "P", "option_first").continuations[1] == "the correct answer is true"
+    main(_test_args(tmp_path, f"[{{name: arc_e, path: {path}, response: option_first}}]",
+                    "--model.scoring", "loglikelihood", "--model.loglik_prompt", "training"))
+    (run,) = (tmp_path / "run" / "lightning_logs").glob("version_*")
+    scored = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    for r in scored:
+        q = parse_question("arc_e", rows[r["index"]]["instruction"], rows[r["index"]]["answer"])
+        assert r["continuations"] == [f"{o}, so the correct answer is answer{i}" for i, o in enumerate(q.options, 1)]
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"name": "gsm8k", "response": "option_first"}, r"data\.train\[0\]\.response='option_first': 'gsm8k' is not"),
+    ({"name": "arc_e", "response": "text"}, r"data\.train\[0\]\.response='text': choose one of dataset, option_f"),
+    ({"name": "arc_e", "response": "option_first", "bad_row": 1}, r"arc\.json: row 1 \(0-based\): no numbered"),
+])
+def test_option_first_errors_name_the_key_file_and_row(tmp_path: Path, spec: dict, message: str) -> None:
+    from moelora_lit.data import ReasoningDataModule
+
+    rows = arc_rows(3)
+    if spec.pop("bad_row", None) is not None:
+        rows[1]["instruction"] = "Please choose the correct answer to the question: Why?\n\nAnswer format: answer1"
+    if spec["name"] == "gsm8k":
+        rows = [{"instruction": "1+1?", "input": "", "output": "The answer is 2", "answer": "2"}]
+    path = tmp_path / "arc.json"
+    path.write_text(json.dumps(rows))
+    with pytest.raises(ValueError, match=message):
+        ReasoningDataModule(TINY, train=[spec | {"path": str(path)}])

@@ -4,6 +4,7 @@ LLM-Adapters files (its step-0 state kept across a resume), and the driver's lr-
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -71,7 +72,7 @@ def test_probe_reads_files_and_keeps_its_step0_state_on_resume(tiny_base: str, t
 
 def finish(s: study.Study, variant: str, lr: float, loss: float, seed: int = 0) -> None:
     folder = s.run_folder(variant, lr, seed)
-    folder.mkdir(parents=True)
+    (folder / "adapter").mkdir(parents=True)
     (folder / "train_done.json").write_text(json.dumps({"val_loss": loss, "adapter": str(folder / "adapter")}))
 
 
@@ -178,3 +179,32 @@ def test_table_rows_and_paired_sanity_check(tmp_path: Path) -> None:
     (ll,) = [x for x in summary["sanity"] if x["scoring"] == "loglikelihood"]
     assert ll["examples_paired"]["diff"] == pytest.approx(0.25) and ll["examples_paired"]["t95"][0] > 0
     assert ll["examples_paired"]["a_better"] == 10 and ll["examples_paired"]["b_better"] == 0
+
+
+def test_ledger_restores_choices_and_retrains_a_chosen_run_whose_adapter_is_gone(tmp_path: Path) -> None:
+    """A fresh machine: the committed records give back the lr choice and the finished evaluations; a chosen seed
+    with an evaluation left and no adapter on disk is trained again, one with every evaluation recorded is not."""
+    import smollm2_study_ledger as ledger
+
+    first = study.Study(tmp_path / "first")
+    for lr, loss in zip(study.INITIAL_LRS, (0.6, 0.5, 0.7), strict=True):
+        finish(first, "lora", lr, loss)
+    for seed in (1, 2):
+        finish(first, "lora", 1e-3, 0.5, seed)
+    done_run = first.run_folder("lora", 1e-3, 1)
+    for name, *_ in (s for s in study.SCORINGS if not s[3]):
+        fake_eval(done_run / "eval" / name, {"arc_e": [1, 0, 1]}, loglik=True)
+    preds = next(done_run.rglob("predictions.jsonl"))
+    preds.write_text(json.dumps({"dataset": "arc_e", "correct": True, "context": "long prompt"}) + "\n")
+    records = tmp_path / "ledger"
+    assert ledger.archive(first.out, records) > 0 and ledger.archive(first.out, records) == 0  # up to date
+    kept = json.loads(next(records.rglob("predictions.jsonl")).read_text())
+    assert kept == {"dataset": "arc_e", "correct": True}
+    shutil.rmtree(first.out)  # the adapters go with the machine
+
+    fresh = study.Study(tmp_path / "fresh")
+    assert ledger.restore(records, fresh.out) > 0
+    assert fresh.choice("lora") == ("lora", 1e-3)
+    again = [(t.seed, t.scoring) for t in fresh.train_tasks()[0] if t.method == "lora"]
+    assert again == [(0, None), (2, None)]                    # seed 1's evaluations are all recorded
+    assert not [t for t in fresh.eval_tasks() if t.method == "lora"]  # nothing to evaluate without adapters
