@@ -239,3 +239,26 @@ def test_option_first_errors_name_the_key_file_and_row(tmp_path: Path, spec: dic
     path.write_text(json.dumps(rows))
     with pytest.raises(ValueError, match=message):
         ReasoningDataModule(TINY, train=[spec | {"path": str(path)}])
+
+
+def test_cloze_rows_ask_the_question_alone_and_score_option_texts(tmp_path: Path) -> None:
+    """``response: cloze``: the prompt holds the question without its options, the response is the gold option's
+    text, and the ``training`` prompt scores each option's text after that prompt (options read from the original
+    instruction, kept as ``source_instruction``)."""
+    from moelora_lit.data import ReasoningDataModule
+
+    rows = arc_rows(5, seed=4)
+    path = tmp_path / "arc.json"
+    path.write_text(json.dumps(rows))
+    dm = ReasoningDataModule(TINY, train=[{"name": "arc_e", "path": str(path), "response": "cloze"}])
+    for raw, row in zip(rows, dm.parts["train"][0].rows, strict=True):
+        q = parse_question("arc_e", raw["instruction"], raw["answer"])
+        assert (row["instruction"], row["output"]) == (q.question, q.options[q.gold])
+        assert row["source_instruction"] == raw["instruction"] and "Answer1" not in row["instruction"]
+    main(_test_args(tmp_path, f"[{{name: arc_e, path: {path}, response: cloze}}]",
+                    "--model.scoring", "loglikelihood", "--model.loglik_prompt", "training"))
+    (run,) = (tmp_path / "run" / "lightning_logs").glob("version_*")
+    for r in (json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()):
+        q = parse_question("arc_e", rows[r["index"]]["instruction"], rows[r["index"]]["answer"])
+        assert r["continuations"] == list(q.options) and r["gold"] == q.gold
+        assert q.question in r["context"] and "Answer1:" not in r["context"]

@@ -27,6 +27,7 @@ import torch
 
 from moelora_lit.analysis.routing import summarise
 from moelora_lit.data.prompts import ALPACA, build_prompt
+from moelora_lit.data.specs import DatasetSpec, rewrite_responses
 from moelora_lit.data.synthetic import SYNTHETIC_TASKS, synthetic_rows
 from moelora_lit.inject import moelora_layers, set_token_mask
 
@@ -40,8 +41,9 @@ class RoutingProbe(L.Callback):
         limit: rows per task.
         permutations: task-label permutations for the p-values.
         batch_size: rows per forward.
-        data: LLM-Adapters files to read instead, each ``{name, path, offset}`` (``limit`` rows from ``offset``);
-            the names become the tasks.
+        data: LLM-Adapters files to read instead, each ``{name, path, offset, response}`` (``limit`` rows from
+            ``offset``, written in the ``response`` style of :class:`moelora_lit.data.specs.DatasetSpec`); the names
+            become the tasks.
     """
 
     def __init__(self, tasks: list[str] | None = None, split: str = "test", limit: int = 50,
@@ -58,7 +60,10 @@ class RoutingProbe(L.Callback):
         if not self.data:
             return synthetic_rows(self.tasks[i], self.split, self.limit)
         offset = int(self.data[i].get("offset", 0))
-        return json.loads(Path(self.data[i]["path"]).read_text())[offset:offset + self.limit]
+        rows = json.loads(Path(self.data[i]["path"]).read_text())[offset:offset + self.limit]
+        spec = DatasetSpec(self.tasks[i], offset=offset, response=self.data[i].get("response", "dataset"))
+        rewrite_responses(rows, spec, f"RoutingProbe data[{i}]", self.data[i]["path"])  # as the model was trained
+        return rows
 
     def _texts(self) -> tuple[list[str], np.ndarray]:
         rows = [(i, build_prompt("alpaca", r["instruction"], r.get("input", "")) + r["output"])

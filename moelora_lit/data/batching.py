@@ -10,7 +10,7 @@ from torch.utils.data import Sampler
 
 from moelora_lit.data.prompts import build_prompt
 
-EVAL_LISTS = ("dataset", "task", "answer", "prompt", "instruction", "index", "response")
+EVAL_LISTS = ("dataset", "task", "answer", "prompt", "instruction", "source_instruction", "index", "response")
 
 
 def encode_rows(batch: dict[str, list], tokenizer: Any, template: str, max_length: int, train_on_inputs: bool,
@@ -58,8 +58,8 @@ class Collator:
 
     Train: ``input_ids`` / ``attention_mask`` / ``labels`` (B, L), right padded, labels -100 on
     padding. Eval adds ``prompt_input_ids`` / ``prompt_attention_mask`` (B, P), LEFT padded for
-    generation, and python lists ``dataset``, ``task``, ``answer``, ``prompt``, ``instruction``, ``index``,
-    ``response`` (the set's response style).
+    generation, and python lists ``dataset``, ``task``, ``answer``, ``prompt``, ``instruction``,
+    ``source_instruction`` (where the options are read from), ``index``, ``response`` (the set's response style).
     """
 
     def __init__(self, pad_token_id: int, eval_mode: bool) -> None:

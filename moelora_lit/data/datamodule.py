@@ -4,7 +4,8 @@ Rows are read and validated in ``__init__`` (cheap, and before any model is load
 happens in ``setup``. Train batches hold ``input_ids`` / ``attention_mask`` / ``labels`` (right
 padded, prompt tokens masked to -100). Eval batches add the prompt alone, left padded, for
 generation (``prompt_input_ids`` / ``prompt_attention_mask``) and python lists ``dataset``,
-``task``, ``answer``, ``prompt``, ``instruction``, ``index``, ``response``. There is one eval dataloader per spec,
+``task``, ``answer``, ``prompt``, ``instruction``, ``source_instruction``, ``index``, ``response``.
+There is one eval dataloader per spec,
 in the order of `val_names` / `test_names`.
 """
 
@@ -181,7 +182,7 @@ class ReasoningDataModule(LightningDataModule):
         from datasets.fingerprint import generate_random_fingerprint
 
         ds = datasets.Dataset.from_list(part.rows)
-        keep = [] if train else ["instruction", "answer"]
+        keep = [] if train else ["instruction", "answer", "source_instruction"]
         # Our own fingerprint: datasets would otherwise pickle and hash the tokenizer on every map.
         kwargs: dict[str, Any] = {"new_fingerprint": generate_random_fingerprint()}
         if self.cache_dir:
@@ -237,6 +238,8 @@ class ReasoningDataModule(LightningDataModule):
             )
         ds = ds.add_column("dataset", [part.display] * len(ds)).add_column("task", [part.task] * len(ds))
         ds = ds.add_column("index", list(range(len(ds))))
+        if "source_instruction" not in ds.column_names:  # where the options are read from (see data.specs)
+            ds = ds.add_column("source_instruction", ds["instruction"])
         return ds.add_column("response", [part.response] * len(ds))
 
     def setup(self, stage: str | None = None) -> None:

@@ -3,12 +3,15 @@
 ``response`` rewrites the training response of multiple-choice rows before tokenization
 (:func:`rewrite_responses`): ``dataset`` keeps each row's ``output``; ``option_first`` writes the chosen option's
 text before LLM-Adapters' closing statement (``a bacterial population in the bloodstream, so the correct answer
-is answer2``). The log-likelihood scoring with the ``training`` prompt scores each option in the same style, and
-the ``explicit`` answer rule still reads the closing statement of a generation.
+is answer2``); ``cloze`` asks the question alone (no list of options) and answers with the chosen option's text,
+the formulation lm-evaluation-harness scores small models in, inside the training prompt. The log-likelihood
+scoring with the ``training`` prompt scores each option in the entry's style. A ``cloze`` row keeps its original
+instruction as ``source_instruction``, where the options are read from.
 
-Why ``option_first`` exists: a response that is only a label (``answer2``) asks the model to bind option
-symbols, which small models cannot do (they learn the label prior instead); naming the option's text first turns
-the choice into a cloze the model can score (see ``experiments/results/smollm2_commonsense_sizing.md``).
+Why these exist: a response that is only a label (``answer2``) asks the model to bind option symbols, which small
+models cannot do (SmolLM2-135M learned the label prior instead); with the options listed in the prompt
+(``option_first``) it still picked among them at chance; ``cloze`` is where its knowledge shows (see
+``experiments/results/smollm2_commonsense_sizing.md``).
 """
 
 from __future__ import annotations
@@ -18,7 +21,13 @@ from dataclasses import dataclass
 from typing import Any
 
 from moelora_lit.data.formats import REGISTRY
-from moelora_lit.eval.choices import RESPONSES, is_multiple_choice, parse_question, trained_response
+from moelora_lit.eval.choices import (
+    RESPONSES,
+    cloze_instruction,
+    is_multiple_choice,
+    parse_question,
+    trained_response,
+)
 
 
 @dataclass
@@ -35,9 +44,10 @@ class DatasetSpec:
         offset: skip the first N rows first, e.g. a validation slice ``{path: train.json, offset: 1000, limit: 150}``
             of a training file whose first rows are trained on.
         alias: display name used in metric tags (default: the canonical name).
-        response: ``dataset`` (each row's own ``output``) or ``option_first`` (multiple-choice rows: the chosen
-            option's text, then the row's closing statement; see the module docstring). Give val/test sets the
-            style their training set had: the ``training`` log-likelihood prompt scores options in it.
+        response: ``dataset`` (each row's own ``output``), ``option_first`` (multiple-choice rows: the chosen
+            option's text, then the row's closing statement) or ``cloze`` (the question alone, answered by the
+            option's text); see the module docstring. Give val/test sets the style their training set had: the
+            ``training`` log-likelihood prompt scores options in it.
     """
 
     name: str
@@ -99,3 +109,5 @@ def rewrite_responses(rows: list[dict[str, str]], spec: DatasetSpec, key: str, o
             raise ValueError(f"{key}: {origin}: row {n + spec.offset} (0-based): {err}; "
                              f"{key}.response={spec.response!r} needs each option") from None
         row["output"] = trained_response(q, q.gold, spec.response)
+        if spec.response == "cloze":  # the options stay readable for scoring in ``source_instruction``
+            row["source_instruction"], row["instruction"] = row["instruction"], cloze_instruction(q)

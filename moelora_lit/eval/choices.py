@@ -27,7 +27,7 @@ from moelora_lit.eval.answers import canonical_dataset
 
 LOGLIK_PROMPTS = ("harness", "training")
 # How a trained response names the chosen option (``data.<split>[i].response``, :func:`trained_response`).
-RESPONSES = ("dataset", "option_first")
+RESPONSES = ("dataset", "option_first", "cloze")
 # Datasets whose options can be scored; the math sets (numbers) are generated.
 MULTIPLE_CHOICE = ("arc_e", "arc_c", "obqa", "piqa", "siqa", "hellaswag", "winogrande", "boolq", "aqua")
 
@@ -156,9 +156,13 @@ def trained_response(q: Question, option: int, response: str = "dataset") -> str
     ``option_first``: the option's text first, then that statement (``a bacterial population in the bloodstream,
     so the correct answer is answer2``) for the sets with numbered options; BoolQ (whose options are the answer
     words) and AQuA (trained on rationales) keep ``dataset``.
+    ``cloze``: the option's text alone (BoolQ: ``yes`` / ``no``); its prompt holds the question without the options
+    (:func:`cloze_instruction`).
     """
     if response not in RESPONSES:
         raise ValueError(f"response {response!r}: choose one of {', '.join(RESPONSES)}")
+    if response == "cloze":
+        return q.options[option]
     label = q.labels[option]
     if q.task == "aqua":
         return f"The answer is {label}."
@@ -166,6 +170,12 @@ def trained_response(q: Question, option: int, response: str = "dataset") -> str
     if response == "option_first" and q.task != "boolq":
         return f"{q.options[option]}, so {stated}"
     return stated
+
+
+def cloze_instruction(q: Question) -> str:
+    """The instruction of a ``cloze`` row: the question alone, as the harness's templates ask it (BoolQ with its
+    question mark), without the list of options."""
+    return f"{q.question}?" if q.task == "boolq" else q.question
 
 
 def training_requests(q: Question, prompt: str, response: str = "dataset") -> Requests:

@@ -63,7 +63,7 @@ def check_rows(module: Any) -> None:
                 continue
             for n, row in enumerate(part.rows):
                 try:
-                    parse_question(part.task, row["instruction"], row["answer"])
+                    parse_question(part.task, row.get("source_instruction", row["instruction"]), row["answer"])
                 except ValueError as err:
                     raise ValueError(f"{part.key}: {part.origin}: row {n} (0-based): {err}; model.scoring="
                                      "loglikelihood needs each option (or model.scoring=generate)") from None
@@ -109,7 +109,8 @@ def loglik_rows(module: Any, batch: dict[str, Any], name: str, key: str) -> list
     """Score a batch of multiple-choice rows by option log-likelihood; update ``acc`` / ``acc_norm`` / ``n``."""
     prompt = module.loglik_prompt_used or resolve_loglik_prompt(module)
     questions: list[Question] = []
-    for task, instruction, answer, index in zip(batch["task"], batch["instruction"], batch["answer"],
+    for task, instruction, answer, index in zip(batch["task"], batch.get("source_instruction", batch["instruction"]),
+                                                batch["answer"],
                                                 batch["index"], strict=True):
         try:
             questions.append(parse_question(task, instruction, answer))
