@@ -262,3 +262,27 @@ def test_cloze_rows_ask_the_question_alone_and_score_option_texts(tmp_path: Path
         q = parse_question("arc_e", rows[r["index"]]["instruction"], rows[r["index"]]["answer"])
         assert r["continuations"] == list(q.options) and r["gold"] == q.gold
         assert q.question in r["context"] and "Answer1:" not in r["context"]
+
+
+def test_cloze_generations_are_matched_to_an_option(tmp_path: Path) -> None:
+    from moelora_lit.eval.choices import match_option
+
+    q = parse_question("arc_e", "Please choose the correct answer to the question: Which?\n\nAnswer1: red rock "
+                                "Answer2: red Answer3: blue gas\n\nAnswer format: answer1/answer2/answer3", "answer3")
+    assert match_option(q, "Blue  gas.\nmore text") == 2        # case, spacing, closing punctuation ignored
+    assert match_option(q, "red rock") == 0                     # exact beats the shorter option it begins with
+    assert match_option(q, "blue gas is the answer") == 2       # begins with one option only
+    assert match_option(q, "red rocks and red") is None         # begins with two options: undecided
+    assert match_option(q, "green") is None and match_option(q, "\n") is None
+    rows = arc_rows(4, seed=5)
+    path = tmp_path / "arc.json"
+    path.write_text(json.dumps(rows))
+    main(_test_args(tmp_path, f"[{{name: arc_e, path: {path}, response: cloze}}]", "--model.max_new_tokens", "3"))
+    (run,) = (tmp_path / "run" / "lightning_logs").glob("version_*")
+    scored = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    assert len(scored) == 4 and all(r["answer_rule"] == "cloze_option" for r in scored)
+    for r, raw in zip(scored, rows, strict=True):
+        q = parse_question("arc_e", raw["instruction"], raw["answer"])
+        option = match_option(q, r["generation"])
+        assert r["gold"] == raw["answer"] and r["correct"] == (option == q.gold)
+        assert r["extracted"] == (None if option is None else q.labels[option])

@@ -178,6 +178,25 @@ def cloze_instruction(q: Question) -> str:
     return f"{q.question}?" if q.task == "boolq" else q.question
 
 
+def _plain(text: str) -> str:
+    return " ".join(text.lower().split()).strip(" .!?;:,\"'")
+
+
+def match_option(q: Question, generation: str) -> int | None:
+    """The option a ``cloze`` generation names: the one whose text its first line is (case, spacing and closing
+    punctuation ignored), else the single option that line begins with; None when none or several fit."""
+    lines = generation.strip().splitlines()
+    said = _plain(lines[0]) if lines else ""
+    if not said:
+        return None
+    options = [_plain(o) for o in q.options]
+    exact = [i for i, o in enumerate(options) if o == said]
+    if len(exact) == 1:
+        return exact[0]
+    begins = [i for i, o in enumerate(options) if o and said.startswith(o)]
+    return begins[0] if len(begins) == 1 else None
+
+
 def training_requests(q: Question, prompt: str, response: str = "dataset") -> Requests:
     """The trained prompt (``prompt``, already rendered) and each option as the trained response writes it."""
     responses = tuple(trained_response(q, i, response) for i in range(len(q.options)))

@@ -15,12 +15,14 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import SumMetric
 
+from moelora_lit.eval.answers import extract_answer, is_correct
 from moelora_lit.eval.choices import (
     LOGLIK_PROMPTS,
     MULTIPLE_CHOICE,
     Question,
     harness_requests,
     is_multiple_choice,
+    match_option,
     parse_question,
     training_requests,
 )
@@ -133,6 +135,21 @@ def loglik_rows(module: Any, batch: dict[str, Any], name: str, key: str) -> list
     norm_metric(module, key).update(torch.tensor(float(sum(r["correct_norm"] for r in rows)), device=device))
     module.total[key].update(torch.tensor(float(len(rows)), device=device))
     return rows
+
+
+def generated_row(name: str, task: str, prompt: str, text: str, gold: str, response: str, source: str,
+                  protocol: str) -> dict[str, Any]:
+    """One generation's prediction row. A ``cloze`` multiple-choice row names its option's text, which
+    :func:`~moelora_lit.eval.choices.match_option` maps to the option's label; every other row is read by the answer
+    protocol."""
+    if response == "cloze" and is_multiple_choice(task):
+        q = parse_question(task, source, gold)
+        option = match_option(q, text)
+        extracted = None if option is None else q.labels[option]
+        return {"dataset": name, "prompt": prompt, "generation": text, "extracted": extracted,
+                "gold": q.labels[q.gold], "correct": option == q.gold, "answer_rule": "cloze_option"}
+    return {"dataset": name, "prompt": prompt, "generation": text, "extracted": extract_answer(task, text, protocol),
+            "gold": gold, "correct": is_correct(task, text, gold, protocol)}
 
 
 def dataset_result(module: Any, name: str, key: str, accuracy: float, n: int) -> dict[str, Any]:

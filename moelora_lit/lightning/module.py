@@ -21,7 +21,7 @@ from moelora_lit.adapter_io import (
     save_adapter,
 )
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.eval.answers import PROTOCOLS, extract_answer, is_correct
+from moelora_lit.eval.answers import PROTOCOLS
 from moelora_lit.inject import collect_aux_losses, inject_moelora, matches, push_queues, set_token_mask
 from moelora_lit.lightning import evaluation
 from moelora_lit.lightning.generation import generate_texts
@@ -235,11 +235,11 @@ class MoELoRAModule(L.LightningModule):
             return evaluation.loglik_rows(self, batch, name, self._metric_key(name))
         texts = generate_texts(self, batch, self.max_new_tokens, self.num_beams)
         tasks = batch.get("task") or [name] * len(texts)  # the registry name decides the answer format
-        rows = []
-        for prompt, text, gold, task in zip(batch["prompt"], texts, batch["answer"], tasks, strict=True):
-            rows.append({"dataset": name, "prompt": prompt, "generation": text,
-                         "extracted": extract_answer(task, text, self.answer_protocol), "gold": gold,
-                         "correct": is_correct(task, text, gold, self.answer_protocol)})
+        styles = batch.get("response") or ["dataset"] * len(texts)
+        sources = batch.get("source_instruction") or batch.get("instruction") or [""] * len(texts)
+        rows = [evaluation.generated_row(name, task, prompt, text, gold, style, source, self.answer_protocol)
+                for prompt, text, gold, task, style, source in zip(batch["prompt"], texts, batch["answer"], tasks,
+                                                                   styles, sources, strict=True)]
         key = self._metric_key(name)
         self.correct[key].update(torch.tensor(float(sum(r["correct"] for r in rows)), device=self.device))
         self.total[key].update(torch.tensor(float(len(rows)), device=self.device))
