@@ -5,6 +5,7 @@
     python scripts/smollm2_study.py all      [--jobs 1] [--prefer evaluate]   # both, training first by default
     python scripts/smollm2_study.py status                      # what is done, chosen, left
     python scripts/smollm2_study.py table                       # experiments/results/smollm2_commonsense.{csv,json}
+                                                                # (from the committed records alone on a fresh machine)
 
 Configs: ``experiments/smollm2_commonsense_{lora,moelora,moelora_no_contrastive}.yaml`` (data, sizing, why).
 Every training run goes through ``scripts/sweep.py`` (one config x one seed, a resumable ``fit`` logging to its
@@ -354,11 +355,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     study = Study(args.out.resolve())
     if args.phase == "status":
+        restore(LEDGER, study.out)
         status(study)
         return 0
-    if args.phase == "table":
+    if args.phase == "table":  # from the run folders, completed by the committed records
         from smollm2_study_table import write_table  # noqa: PLC0415 (beside this script)
 
+        restore(LEDGER, study.out)
         write_table(study, RESULTS)
         return 0
     os.environ.setdefault("OMP_NUM_THREADS", "1")

@@ -57,7 +57,7 @@ def restore(ledger: Path, out: Path) -> int:
     written = 0
     for path in sorted(ledger.rglob("*")) if ledger.is_dir() else []:
         target = out / path.relative_to(ledger)
-        if path.is_file() and path.name != "command.txt" and not target.exists():
+        if path.is_file() and not target.exists():
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(path, target)
             written += 1

@@ -166,10 +166,12 @@ def write_table(study: Any, results: Path) -> None:
         summary["routing"] = specialisation_table(load_summaries(routing)).to_dict("records")
     payload = {"choices": choices, "grid": grid.to_dict("records")} | summary
     (results / "smollm2_commonsense.json").write_text(json.dumps(payload, indent=1, default=float))
-    commands = ["# python scripts/smollm2_study.py all --jobs 1   (then: table); each run's and evaluation's command:"]
+    commands = ["# python scripts/smollm2_study.py all --jobs 2 --prefer evaluate   (then: table); each run's and "
+                "evaluation's command:"]
     for log in sorted(study.out.rglob("run.json")):  # without the --ckpt_path of a resumed attempt
         commands.append(re.sub(r" --ckpt_path \S+", "", json.loads(log.read_text())["command"]))
-    for log in sorted(study.out.rglob("test.log")):
+    for folder in sorted({p.parent for name in ("test.log", "command.txt") for p in study.out.rglob(name)}):
+        log = folder / "test.log" if (folder / "test.log").is_file() else folder / "command.txt"  # restored record
         commands += [line[2:] for line in log.read_text(errors="replace").splitlines() if line.startswith("$ ")][-1:]
     (results / "smollm2_commonsense_commands.txt").write_text("\n".join(commands) + "\n")
     print(f"{len(df)} result rows, {len(grid)} training runs -> {results}")

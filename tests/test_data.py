@@ -359,7 +359,8 @@ def test_eval_batches_left_pad_prompts(tok_dir: str, tmp_path: Path, math_file: 
     (val,) = dm.val_dataloader()
     batch = next(iter(val))
     keys = {"input_ids", "attention_mask", "labels", "prompt_input_ids", "prompt_attention_mask"}
-    assert keys | {"dataset", "task", "answer", "prompt", "instruction", "index", "response"} == set(batch)
+    assert keys | {"dataset", "task", "answer", "prompt", "instruction", "source_instruction", "index",
+                   "response"} == set(batch)
     assert batch["dataset"] == ["math_small"] * 3 and batch["answer"] == ["7", "24", "6"]
     assert batch["task"] == ["gsm8k"] * 3 and batch["index"] == [0, 1, 2]
     assert batch["instruction"] == [r["instruction"] for r in MATH[:3]]
