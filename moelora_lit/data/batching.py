@@ -39,6 +39,15 @@ def encode_rows(batch: dict[str, list], tokenizer: Any, template: str, max_lengt
     return out
 
 
+def _eval_default(row: dict[str, Any], key: str) -> Any:
+    """A row built without the datamodule: options come from its instruction, its response style is ``dataset``."""
+    if key == "source_instruction":
+        return row["instruction"]
+    if key == "response":
+        return "dataset"
+    raise KeyError(f"an eval row needs '{key}' (one of {EVAL_LISTS})")
+
+
 def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad to the longest sequence: (B, L) long tensor and its (B, L) attention mask."""
     width = max(len(s) for s in seqs)
@@ -73,7 +82,7 @@ class Collator:
             prompt_ids, prompt_mask = pad([r["prompt_input_ids"] for r in rows], self.pad_token_id, left=True)
             batch["prompt_input_ids"], batch["prompt_attention_mask"] = prompt_ids, prompt_mask
             for key in EVAL_LISTS:
-                batch[key] = [r[key] for r in rows]
+                batch[key] = [r[key] if key in r else _eval_default(r, key) for r in rows]
         return batch
 
 
