@@ -153,13 +153,15 @@ class Study:
         return (variant, lr) if (lr := self.grid(variant)[1]) is not None else None
 
     def train_tasks(self) -> tuple[list[Task], bool]:
-        """(runnable training tasks in priority order, whether any training is still open)."""
+        """(runnable training tasks in priority order, whether any training is still open): the seeds of the methods
+        already chosen, then the lr grids (LoRA's first)."""
         variants = ["lora"] + [f"moelora-{r}" for r in REDUCTIONS]  # LoRA first: the sanity check needs it
         moe = self.choice("moelora")
         open_ = moe is None  # the no-contrastive grid waits for MoELoRA's reduction
         if moe is not None:
             variants.append(f"moelora_no_contrastive-{moe[0].split('-')[1]}")
-        tasks = [Task(v.split("-")[0], v, lr, 0, self.run_folder(v, lr, 0)) for v in variants for lr in self.grid(v)[0]]
+        grids = [Task(v.split("-")[0], v, lr, 0, self.run_folder(v, lr, 0)) for v in variants for lr in self.grid(v)[0]]
+        tasks: list[Task] = []  # a chosen method's seeds before the other grids: LoRA's seeds make the sanity check
         for method in METHODS:
             chosen = self.choice(method)
             open_ |= chosen is None
@@ -167,6 +169,7 @@ class Study:
                 runs = {s: self.run_folder(chosen[0], chosen[1], s) for s in SEEDS}
                 tasks += [Task(method, chosen[0], chosen[1], s, run) for s, run in runs.items()
                           if self.trained(run, need_adapter=self.evals_missing(run)) is None]
+        tasks += grids
         return tasks, open_ or bool(tasks)
 
     @staticmethod
