@@ -9,6 +9,7 @@ Writes into ``experiments/results/``:
   seed's Wilson interval, paired differences between methods (seeds paired: t over seeds; examples paired:
   per-example correctness averaged over the shared seeds, 95% t interval over examples), the sanity check
   (LoRA minus zero-shot, examples paired), and the routing summary.
+- ``smollm2_commonsense_table.md``: the headline table (log-likelihood, acc with intervals) and LoRA minus zero-shot.
 - ``smollm2_commonsense_routing/<method>_seed<S>.json``: each chosen MoELoRA run's ``routing_probe.json``.
 - ``smollm2_commonsense_commands.txt``: the exact command of every run and evaluation.
 """
@@ -122,18 +123,29 @@ def summarise(df: pd.DataFrame, folders: dict[tuple, Path]) -> dict[str, Any]:
             out[key].append({"a": a, "b": b, "dataset": dataset, "scoring": scoring, "prompt": prompt,
                              "examples_paired": example, "seeds_paired": seed_paired,
                              "examples_paired_norm": paired_examples(folders, a, b, name, dataset, "correct_norm")})
+    for dataset in sorted(set(df["dataset"])):  # against the stronger zero-shot prompt too: the harness's
+        example = paired_examples(folders, "lora", "zero_shot", "loglikelihood-training", dataset,
+                                  name_b="loglikelihood-harness")
+        if example is not None:
+            out["sanity"].append({"a": "lora", "b": "zero_shot (harness prompt)", "dataset": dataset,
+                                  "scoring": "loglikelihood", "prompt": "training vs harness",
+                                  "examples_paired": example, "seeds_paired": None,
+                                  "examples_paired_norm": paired_examples(
+                                      folders, "lora", "zero_shot", "loglikelihood-training", dataset,
+                                      "correct_norm", name_b="loglikelihood-harness")})
     return out
 
 
 def paired_examples(folders: dict[tuple, Path], a: str, b: str, name: str, dataset: str,
-                    key: str = "correct") -> dict[str, Any] | None:
+                    key: str = "correct", name_b: str | None = None) -> dict[str, Any] | None:
     """a minus b per example of ``key`` (``correct``: acc, ``correct_norm``: acc_norm), each averaged over the seeds
-    both have, 95% t interval over examples; also the exact sign test of the examples where they differ."""
-    def mean_over_seeds(method: str) -> dict[Any, np.ndarray]:
-        return {seed: c[dataset] for (m, seed, s), f in folders.items() if m == method and s == name
+    both have, 95% t interval over examples; also the exact sign test of the examples where they differ. ``b`` is
+    read from scoring ``name_b`` when given (default ``name``)."""
+    def mean_over_seeds(method: str, scoring: str) -> dict[Any, np.ndarray]:
+        return {seed: c[dataset] for (m, seed, s), f in folders.items() if m == method and s == scoring
                 and dataset in (c := correctness(f, key))}
 
-    xa, xb = mean_over_seeds(a), mean_over_seeds(b)
+    xa, xb = mean_over_seeds(a, name), mean_over_seeds(b, name_b or name)
     seeds = sorted(set(xa) & set(xb), key=str) if b != "zero_shot" else sorted(xa, key=str)
     if not seeds or not xb:
         return None
@@ -147,6 +159,34 @@ def paired_examples(folders: dict[tuple, Path], a: str, b: str, name: str, datas
     p = binomtest(wins, wins + losses).pvalue if wins + losses else 1.0
     return {"diff": mean, "t95": [low, high], "n": n, "seeds": [s for s in seeds if s is not None],
             "a_better": wins, "b_better": losses, "sign_test_p": p}
+
+
+def markdown(summary: dict[str, Any], scoring: str = "loglikelihood") -> str:
+    """The headline table: ``acc`` per method and test set (seed mean, 95% t interval over seeds; zero-shot: one
+    run, 95% Wilson interval), then LoRA minus zero-shot (rows paired)."""
+    sets = ["arc_e", "boolq", "piqa"]
+    cells: dict[tuple[str, str], str] = {}
+    for m in summary.get("methods", []):
+        if m["scoring"] != scoring:
+            continue
+        label = f"{m['method']} ({m['prompt']} prompt)" if m["method"] == "zero_shot" else m["method"]
+        if m["seeds"] >= 2:
+            cells[label, m["dataset"]] = f"{100 * m['acc_mean']:.1f} [{100 * m['t95'][0]:.1f}, {100 * m['t95'][1]:.1f}]"
+        else:
+            low, high = m["per_seed"][0]["wilson95"]
+            cells[label, m["dataset"]] = f"{100 * m['acc_mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
+        cells[label, "seeds"] = str(m["seeds"]) if m["method"] != "zero_shot" else "-"
+    labels = sorted({k[0] for k in cells}, key=lambda x: (not x.startswith("zero"), x))
+    lines = ["| method | seeds | ARC-Easy | BoolQ | PIQA (transfer) |", "|---|---|---|---|---|"]
+    lines += [f"| {x} | {cells.get((x, 'seeds'), '')} | " + " | ".join(cells.get((x, d), "-") for d in sets) + " |"
+              for x in labels]
+    for row in summary.get("sanity", []):
+        if row["scoring"] == scoring and row["examples_paired"]:
+            e = row["examples_paired"]
+            lines.append(f"\nLoRA minus {row['b']} on {row['dataset']} ({row['prompt']} prompt): "
+                         f"{100 * e['diff']:+.1f} points [{100 * e['t95'][0]:+.1f}, {100 * e['t95'][1]:+.1f}], "
+                         f"n {e['n']}, seeds {e['seeds']}, sign test p {e['sign_test_p']:.2g}")
+    return "\n".join(lines) + "\n"
 
 
 def write_table(study: Any, results: Path) -> None:
@@ -166,6 +206,7 @@ def write_table(study: Any, results: Path) -> None:
         summary["routing"] = specialisation_table(load_summaries(routing)).to_dict("records")
     payload = {"choices": choices, "grid": grid.to_dict("records")} | summary
     (results / "smollm2_commonsense.json").write_text(json.dumps(payload, indent=1, default=float))
+    (results / "smollm2_commonsense_table.md").write_text(markdown(summary))
     commands = ["# python scripts/smollm2_study.py all --jobs 2 --prefer evaluate   (then: table); each run's and "
                 "evaluation's command:"]
     for log in sorted(study.out.rglob("run.json")):  # without the --ckpt_path of a resumed attempt

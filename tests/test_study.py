@@ -176,9 +176,13 @@ def test_table_rows_and_paired_sanity_check(tmp_path: Path) -> None:
     assert df[df["method"] == "lora"]["lr"].eq(1e-3).all() and df["seed"].isna().sum() == 3
     summary = json.loads((tmp_path / "results" / "smollm2_commonsense.json").read_text())
     assert summary["choices"]["lora"]["lr"] == 1e-3
-    (ll,) = [x for x in summary["sanity"] if x["scoring"] == "loglikelihood"]
+    ll, harness = [x for x in summary["sanity"] if x["scoring"] == "loglikelihood"]
     assert ll["examples_paired"]["diff"] == pytest.approx(0.25) and ll["examples_paired"]["t95"][0] > 0
     assert ll["examples_paired"]["a_better"] == 10 and ll["examples_paired"]["b_better"] == 0
+    assert harness["b"] == "zero_shot (harness prompt)" and harness["examples_paired"]["diff"] == pytest.approx(0.25)
+    md = (tmp_path / "results" / "smollm2_commonsense_table.md").read_text()
+    assert "| lora | 3 | 75.0 [75.0, 75.0] | - | - |" in md and "| zero_shot (harness prompt) | - | 50.0 [" in md
+    assert "LoRA minus zero_shot on arc_e (training prompt): +25.0 points" in md
 
 
 def test_ledger_restores_choices_and_retrains_a_chosen_run_whose_adapter_is_gone(tmp_path: Path) -> None:
