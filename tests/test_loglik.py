@@ -197,16 +197,22 @@ def test_prompt_default_follows_the_adapter(tmp_path: Path) -> None:
         MoELoRAModule(base_model=TINY, loglik_prompt="alpaca")
 
 
+def styled_rows(tmp_path: Path, response: str, seed: int) -> tuple[list[dict], Path, list[dict]]:
+    """(ARC-like rows, their file, the training rows the datamodule makes of them in style ``response``)."""
+    from moelora_lit.data import ReasoningDataModule
+
+    rows = arc_rows(6, seed=seed)
+    path = tmp_path / "arc.json"
+    path.write_text(json.dumps(rows))
+    dm = ReasoningDataModule(TINY, train=[{"name": "arc_e", "path": str(path), "response": response}])
+    return rows, path, dm.parts["train"][0].rows
+
+
 def test_option_first_responses_are_trained_and_scored_alike(tmp_path: Path) -> None:
     """``response: option_first`` writes the gold option's text before the closing statement into the training
     rows, and the ``training`` prompt scores every option in that same style (BoolQ keeps its answer words)."""
-    from moelora_lit.data import ReasoningDataModule
-
-    rows = arc_rows(6, seed=3)
-    path = tmp_path / "arc.json"
-    path.write_text(json.dumps(rows))
-    dm = ReasoningDataModule(TINY, train=[{"name": "arc_e", "path": str(path), "response": "option_first"}])
-    for raw, row in zip(rows, dm.parts["train"][0].rows, strict=True):
+    rows, path, trained = styled_rows(tmp_path, "option_first", seed=3)
+    for raw, row in zip(rows, trained, strict=True):
         q = parse_question("arc_e", raw["instruction"], raw["answer"])
         assert row["output"] == f"{q.options[q.gold]}, so the correct answer is {raw['answer']}"
         assert training_requests(q, "P", "option_first").continuations[q.gold] == row["output"]
@@ -245,13 +251,8 @@ def test_cloze_rows_ask_the_question_alone_and_score_option_texts(tmp_path: Path
     """``response: cloze``: the prompt holds the question without its options, the response is the gold option's
     text, and the ``training`` prompt scores each option's text after that prompt (options read from the original
     instruction, kept as ``source_instruction``)."""
-    from moelora_lit.data import ReasoningDataModule
-
-    rows = arc_rows(5, seed=4)
-    path = tmp_path / "arc.json"
-    path.write_text(json.dumps(rows))
-    dm = ReasoningDataModule(TINY, train=[{"name": "arc_e", "path": str(path), "response": "cloze"}])
-    for raw, row in zip(rows, dm.parts["train"][0].rows, strict=True):
+    rows, path, trained = styled_rows(tmp_path, "cloze", seed=4)
+    for raw, row in zip(rows, trained, strict=True):
         q = parse_question("arc_e", raw["instruction"], raw["answer"])
         assert (row["instruction"], row["output"]) == (q.question, q.options[q.gold])
         assert row["source_instruction"] == raw["instruction"] and "Answer1" not in row["instruction"]
