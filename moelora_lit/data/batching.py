@@ -40,7 +40,8 @@ def encode_rows(batch: dict[str, list], tokenizer: Any, template: str, max_lengt
 
 
 def _eval_default(row: dict[str, Any], key: str) -> Any:
-    """A row built without the datamodule: options come from its instruction, its response style is ``dataset``."""
+    """An eval row without ``source_instruction`` (every style but ``cloze``) reads its options from its instruction;
+    a row built without the datamodule has the ``dataset`` response style."""
     if key == "source_instruction":
         return row["instruction"]
     if key == "response":
