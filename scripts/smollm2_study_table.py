@@ -99,6 +99,7 @@ def summarise(df: pd.DataFrame, folders: dict[tuple, Path]) -> dict[str, Any]:
     from smollm2_study import SCORINGS  # noqa: PLC0415
 
     out: dict[str, Any] = {"methods": [], "paired": [], "sanity": []}
+    names = {(s[1], s[2]): s[0] for s in SCORINGS}
     for (method, dataset, scoring, prompt), block in df.groupby(["method", "dataset", "scoring", "prompt"],
                                                                 dropna=False):
         mean, low, high, n = t_interval(block["acc"])
@@ -106,10 +107,14 @@ def summarise(df: pd.DataFrame, folders: dict[tuple, Path]) -> dict[str, Any]:
         for _, r in block.iterrows():
             ci = binomtest(round(r["acc"] * r["n"]), int(r["n"])).proportion_ci(method="wilson")
             seeds.append({"seed": r["seed"], "acc": r["acc"], "wilson95": [ci.low, ci.high], "n": int(r["n"])})
-        out["methods"].append({"method": method, "dataset": dataset, "scoring": scoring, "prompt": prompt,
-                               "acc_mean": mean, "t95": [low, high], "seeds": n, "per_seed": seeds,
-                               "acc_norm_mean": block["acc_norm"].astype(float).mean()})
-    names = {(s[1], s[2]): s[0] for s in SCORINGS}
+        entry = {"method": method, "dataset": dataset, "scoring": scoring, "prompt": prompt, "acc_mean": mean,
+                 "t95": [low, high], "seeds": n, "per_seed": seeds,
+                 "acc_norm_mean": block["acc_norm"].astype(float).mean()}
+        for key, label in (("correct", "acc"), ("correct_norm", "acc_norm")):
+            runs, y = seed_mean(folders, method, names[(scoring, prompt)], dataset, key)
+            if y is not None:
+                entry[f"{label}_examples95"] = examples_interval(y, len(runs))
+        out["methods"].append(entry)
     for (dataset, scoring, prompt), block in df.groupby(["dataset", "scoring", "prompt"]):
         table = block.pivot_table(index="seed", columns="method", values="acc")
         name = names[(scoring, prompt)]
@@ -117,8 +122,8 @@ def summarise(df: pd.DataFrame, folders: dict[tuple, Path]) -> dict[str, Any]:
             example = paired_examples(folders, a, b, name, dataset)
             if example is None:
                 continue
-            seed_paired = (paired_t(table[a].dropna(), table[b].dropna()) if b != "zero_shot"
-                           and {a, b} <= set(table) else None)
+            both = table[[a, b]].dropna() if b != "zero_shot" and {a, b} <= set(table) else None
+            seed_paired = paired_t(both[a], both[b]) if both is not None and len(both) else None
             key = "sanity" if b == "zero_shot" else "paired"
             out[key].append({"a": a, "b": b, "dataset": dataset, "scoring": scoring, "prompt": prompt,
                              "examples_paired": example, "seeds_paired": seed_paired,
@@ -136,22 +141,41 @@ def summarise(df: pd.DataFrame, folders: dict[tuple, Path]) -> dict[str, Any]:
     return out
 
 
+def examples_interval(y: np.ndarray, runs: int) -> list[float]:
+    """95% interval of the mean of per-example correctness ``y`` (averaged over ``runs`` seeds): Wilson for one run
+    or when every example agrees (a t interval would have width 0), else t over the examples."""
+    mean, low, high, n = t_interval(y)
+    if runs == 1 or not high > low:
+        ci = binomtest(round(mean * n), n).proportion_ci(method="wilson")
+        return [ci.low, ci.high]
+    return [low, high]
+
+
+def seed_mean(folders: dict[tuple, Path], method: str, name: str, dataset: str, key: str = "correct",
+              seeds: list | None = None) -> tuple[list, np.ndarray | None]:
+    """(seeds, per-example ``key`` averaged over them) of ``method``'s evaluation ``name`` on ``dataset``: all the
+    seeds it has, or those of ``seeds`` it has (array None when there are none)."""
+    found = {seed: c[dataset] for (m, seed, s), f in folders.items() if m == method and s == name
+             and dataset in (c := correctness(f, key))}
+    chosen = sorted(found, key=str) if seeds is None else [s for s in seeds if s in found]
+    if not chosen or len({found[s].shape for s in chosen}) != 1:
+        return chosen, None
+    return chosen, np.mean([found[s] for s in chosen], axis=0)
+
+
 def paired_examples(folders: dict[tuple, Path], a: str, b: str, name: str, dataset: str,
                     key: str = "correct", name_b: str | None = None) -> dict[str, Any] | None:
     """a minus b per example of ``key`` (``correct``: acc, ``correct_norm``: acc_norm), each averaged over the seeds
-    both have, 95% t interval over examples; also the exact sign test of the examples where they differ. ``b`` is
-    read from scoring ``name_b`` when given (default ``name``)."""
-    def mean_over_seeds(method: str, scoring: str) -> dict[Any, np.ndarray]:
-        return {seed: c[dataset] for (m, seed, s), f in folders.items() if m == method and s == scoring
-                and dataset in (c := correctness(f, key))}
-
-    xa, xb = mean_over_seeds(a, name), mean_over_seeds(b, name_b or name)
-    seeds = sorted(set(xa) & set(xb), key=str) if b != "zero_shot" else sorted(xa, key=str)
-    if not seeds or not xb:
-        return None
-    ya = np.mean([xa[s] for s in seeds], axis=0)
-    yb = np.mean([xb[s] for s in seeds], axis=0) if b != "zero_shot" else next(iter(xb.values()))
-    if ya.shape != yb.shape:
+    both have (zero-shot: its one run), 95% t interval over examples; also the exact sign test of the examples
+    where they differ. ``b`` is read from scoring ``name_b`` when given (default ``name``)."""
+    seeds, ya = seed_mean(folders, a, name, dataset, key)
+    if b == "zero_shot":
+        yb = seed_mean(folders, b, name_b or name, dataset, key)[1]
+    else:
+        seeds = seed_mean(folders, b, name_b or name, dataset, key, seeds)[0]
+        seeds, ya = seed_mean(folders, a, name, dataset, key, seeds)
+        yb = seed_mean(folders, b, name_b or name, dataset, key, seeds)[1]
+    if ya is None or yb is None or ya.shape != yb.shape:
         return None
     diff = ya - yb
     mean, low, high, n = t_interval(diff)
@@ -161,32 +185,54 @@ def paired_examples(folders: dict[tuple, Path], a: str, b: str, name: str, datas
             "a_better": wins, "b_better": losses, "sign_test_p": p}
 
 
-def markdown(summary: dict[str, Any], scoring: str = "loglikelihood") -> str:
-    """The headline table: ``acc`` per method and test set (seed mean, 95% t interval over seeds; zero-shot: one
-    run, 95% Wilson interval), then LoRA minus zero-shot (rows paired)."""
-    sets = ["arc_e", "boolq", "piqa"]
-    cells: dict[tuple[str, str], str] = {}
-    for m in summary.get("methods", []):
-        if m["scoring"] != scoring:
+SETS = {"arc_e": "ARC-Easy", "boolq": "BoolQ", "piqa": "PIQA (transfer)"}
+TABLES = [("loglikelihood", "acc", "Log-likelihood scoring, `acc`"),
+          ("loglikelihood", "acc_norm", "Log-likelihood scoring, `acc_norm` (per-character normalised)"),
+          ("generate", "acc", "Generation (greedy, first 200 rows of each set; the first line must name an option)")]
+
+
+def points(low: float, mean: float, high: float, sign: str = "") -> str:
+    return f"{100 * mean:{sign}.1f} [{100 * low:{sign}.1f}, {100 * high:{sign}.1f}]"
+
+
+def markdown(summary: dict[str, Any]) -> str:
+    """Three tables (log-likelihood ``acc`` and ``acc_norm``, generation ``acc``): per method and test set the mean
+    over seeds, the 95% t interval over examples of the seed-averaged correctness (zero-shot: its one run) and the
+    range over seeds; then every paired difference (examples paired, and seeds paired where both have seeds)."""
+    out = []
+    for scoring, metric, title in TABLES:
+        cells: dict[tuple[str, str], str] = {}
+        for m in summary.get("methods", []):
+            interval = m.get(f"{metric}_examples95")
+            if m["scoring"] != scoring or interval is None:
+                continue
+            label = f"zero-shot, {m['prompt']} prompt" if m["method"] == "zero_shot" else m["method"]
+            values = [s["acc"] for s in m["per_seed"]] if metric == "acc" else None
+            cell = points(interval[0], m[f"{metric}_mean"], interval[1])
+            if values and len(values) > 1:
+                cell += f" ({100 * min(values):.1f}-{100 * max(values):.1f})"
+            cells[label, m["dataset"]] = cell
+            cells[label, "seeds"] = str(m["seeds"]) if m["method"] != "zero_shot" else "-"
+        if not cells:
             continue
-        label = f"{m['method']} ({m['prompt']} prompt)" if m["method"] == "zero_shot" else m["method"]
-        if m["seeds"] >= 2:
-            cells[label, m["dataset"]] = f"{100 * m['acc_mean']:.1f} [{100 * m['t95'][0]:.1f}, {100 * m['t95'][1]:.1f}]"
-        else:
-            low, high = m["per_seed"][0]["wilson95"]
-            cells[label, m["dataset"]] = f"{100 * m['acc_mean']:.1f} [{100 * low:.1f}, {100 * high:.1f}]"
-        cells[label, "seeds"] = str(m["seeds"]) if m["method"] != "zero_shot" else "-"
-    labels = sorted({k[0] for k in cells}, key=lambda x: (not x.startswith("zero"), x))
-    lines = ["| method | seeds | ARC-Easy | BoolQ | PIQA (transfer) |", "|---|---|---|---|---|"]
-    lines += [f"| {x} | {cells.get((x, 'seeds'), '')} | " + " | ".join(cells.get((x, d), "-") for d in sets) + " |"
-              for x in labels]
-    for row in summary.get("sanity", []):
-        if row["scoring"] == scoring and row["examples_paired"]:
-            e = row["examples_paired"]
-            lines.append(f"\nLoRA minus {row['b']} on {row['dataset']} ({row['prompt']} prompt): "
-                         f"{100 * e['diff']:+.1f} points [{100 * e['t95'][0]:+.1f}, {100 * e['t95'][1]:+.1f}], "
-                         f"n {e['n']}, seeds {e['seeds']}, sign test p {e['sign_test_p']:.2g}")
-    return "\n".join(lines) + "\n"
+        labels = sorted({k[0] for k in cells}, key=lambda x: (not x.startswith("zero"), x))
+        out += [f"### {title}", "", "| method | seeds | " + " | ".join(SETS.values()) + " |", "|---" * 5 + "|"]
+        out += [f"| {x} | {cells.get((x, 'seeds'), '')} | " + " | ".join(cells.get((x, d), "-") for d in SETS) + " |"
+                for x in labels]
+        out.append("")
+    out += ["Cells: mean over seeds; 95% interval over the test examples (one run: Wilson; several: t over the "
+            "examples of the seed-averaged correctness); for `acc` with several seeds, the lowest and highest seed.", "", "### Paired differences (points)", "",
+            "| a - b | set | scoring | `acc`: diff [95%], examples paired | a / b better | sign p | `acc_norm` diff "
+            "[95%] | `acc` diff, seeds paired [95%] |", "|---" * 8 + "|"]
+    for row in summary.get("sanity", []) + summary.get("paired", []):
+        e, norm, seeds = row["examples_paired"], row.get("examples_paired_norm"), row.get("seeds_paired")
+        out.append(f"| {row['a']} - {row['b']} | {SETS.get(row['dataset'], row['dataset'])} | {row['scoring']} "
+                   f"({row['prompt']}) | {points(e['t95'][0], e['diff'], e['t95'][1], '+')} | "
+                   f"{e['a_better']} / {e['b_better']} | {e['sign_test_p']:.2g} | "
+                   + (points(norm["t95"][0], norm["diff"], norm["t95"][1], "+") if norm else "-") + " | "
+                   + (points(seeds["low"], seeds["diff"], seeds["high"], "+") + f" (n {seeds['n']})"
+                      if seeds and seeds["n"] > 1 else "-") + " |")
+    return "\n".join(out) + "\n"
 
 
 def write_table(study: Any, results: Path) -> None:

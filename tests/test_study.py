@@ -162,16 +162,26 @@ def test_table_rows_and_paired_sanity_check(tmp_path: Path) -> None:
         finish(s, "lora", lr, loss)
     for seed in (1, 2):
         finish(s, "lora", 1e-3, 0.5, seed)
+    for reduction, losses in (("sum", (0.6, 0.5, 0.7)), ("mean", (0.5, 0.4, 0.45))):
+        for lr, loss in zip(study.INITIAL_LRS, losses, strict=True):
+            finish(s, f"moelora-{reduction}", lr, loss)
+    for seed in (1, 2):
+        finish(s, "moelora-mean", 1e-3, 0.4, seed)
     zero = [0] * 20 + [1] * 20
     trained = [1] * 10 + [0] * 10 + [1] * 20                        # 10 more right, none lost
+    mixture = [1] * 5 + [0] * 15 + [1] * 20                         # 5 of LoRA's gains lost
     for name, scoring, _, _ in study.SCORINGS:
         fake_eval(tmp_path / "runs" / "zero_shot" / "eval" / name, {"arc_e": zero}, scoring != "generate")
         if name != "loglikelihood-harness":
             for seed in study.SEEDS:
                 fake_eval(s.run_folder("lora", 1e-3, seed) / "eval" / name, {"arc_e": trained}, scoring != "generate")
+    for seed in study.SEEDS:
+        fake_eval(s.run_folder("moelora-mean", 1e-3, seed) / "eval" / "loglikelihood-training", {"arc_e": mixture},
+                  loglik=True)
     table.write_table(s, tmp_path / "results")
     df = pd.read_csv(tmp_path / "results" / "smollm2_commonsense.csv")
-    assert list(df.columns) == table.COLUMNS and len(df) == 3 + 2 * 3
+    assert list(df.columns) == table.COLUMNS and len(df) == 3 + 2 * 3 + 3
+    assert set(df[df["method"] == "moelora"]["aux_reduction"]) == {"mean"}
     assert set(df[df["method"] == "zero_shot"]["prompt"]) == {"training", "harness"}
     assert df[df["method"] == "lora"]["lr"].eq(1e-3).all() and df["seed"].isna().sum() == 3
     summary = json.loads((tmp_path / "results" / "smollm2_commonsense.json").read_text())
@@ -180,9 +190,15 @@ def test_table_rows_and_paired_sanity_check(tmp_path: Path) -> None:
     assert ll["examples_paired"]["diff"] == pytest.approx(0.25) and ll["examples_paired"]["t95"][0] > 0
     assert ll["examples_paired"]["a_better"] == 10 and ll["examples_paired"]["b_better"] == 0
     assert harness["b"] == "zero_shot (harness prompt)" and harness["examples_paired"]["diff"] == pytest.approx(0.25)
+    (pair,) = summary["paired"]
+    assert (pair["a"], pair["b"]) == ("moelora", "lora") and pair["examples_paired"]["diff"] == pytest.approx(-0.125)
+    assert pair["examples_paired"]["b_better"] == 5 and pair["seeds_paired"]["n"] == 3
     md = (tmp_path / "results" / "smollm2_commonsense_table.md").read_text()
-    assert "| lora | 3 | 75.0 [75.0, 75.0] | - | - |" in md and "| zero_shot (harness prompt) | - | 50.0 [" in md
-    assert "LoRA minus zero_shot on arc_e (training prompt): +25.0 points" in md
+    lora_row = next(line for line in md.splitlines() if line.startswith("| lora | 3 | 75.0 ["))
+    assert lora_row.endswith("(75.0-75.0) | - | - |")  # examples interval, then the range over seeds
+    assert "| zero-shot, harness prompt | - | 50.0 [" in md and "| moelora | 3 | 62.5 [" in md
+    assert "| lora - zero_shot | ARC-Easy | loglikelihood (training) | +25.0 [" in md
+    assert "| moelora - lora | ARC-Easy | loglikelihood (training) | -12.5 [" in md
 
 
 def test_ledger_restores_choices_and_retrains_a_chosen_run_whose_adapter_is_gone(tmp_path: Path) -> None:
