@@ -11,7 +11,8 @@ and writes beside them:
   training; bottom row, the same for the gate entropy (nats). Seed means; a dot marks cells whose 95% t interval
   over seeds excludes 0.
 - ``routing_layers.csv``: per layer, method and quantity, the seed-paired difference, interval and p-value.
-- ``routing_summary.csv``: the same averaged over the 30 blocks per projection and over all 210 layers.
+- ``routing_summary.csv``: the same averaged over the 30 blocks per projection and over all 210 layers, each with
+  a 95% t interval over seeds (each seed's layer mean, paired).
 
 The step-0 router (untrained, on the base model's hidden states) is the null for "routing separates the tasks";
 the task-label permutation p-values of each state are in the summaries (``moelora_lit.analysis.routing``).
@@ -63,16 +64,39 @@ def grid(table: pd.DataFrame, value: str = "diff") -> pd.DataFrame:
     return out.pivot(index="block", columns="proj", values=value).reindex(columns=PROJECTIONS)
 
 
-def summary(diffs: pd.DataFrame) -> pd.DataFrame:
-    """Per comparison and quantity, the mean difference per projection and over all layers, with how many layers'
-    intervals exclude 0 in each direction."""
+def seed_values(summaries: Mapping[tuple[str, int], Any], quantity: str) -> pd.DataFrame:
+    """Per layer and seed, each comparison's difference (columns named as in :func:`differences`)."""
+    long = per_layer(summaries, quantity)
+    wide = long.pivot_table(index=["layer", "seed"], columns=["method", "state"], values="value")
+    out = pd.DataFrame(index=wide.index)
+    for method in sorted(set(long["method"])):
+        if (method, "trained") in wide:
+            out[f"{method}: trained - step0"] = wide[(method, "trained")] - wide[(method, "step0")]
+    if (A, "trained") in wide and (B, "trained") in wide:
+        out[f"{A} - {B} (trained)"] = wide[(A, "trained")] - wide[(B, "trained")]
+    return out
+
+
+def summary(diffs: pd.DataFrame, summaries: Mapping[tuple[str, int], Any]) -> pd.DataFrame:
+    """Per comparison, quantity and projection (and ``all`` 210 layers): the difference averaged over the layers,
+    with its 95% t interval and p over seeds (each seed's layer mean, paired), and how many layers' own intervals
+    exclude 0 in each direction (about 5% of them would by chance)."""
     rows = []
     diffs = diffs.assign(proj=diffs["layer"].map(lambda n: n.rsplit(".", 1)[-1]))
-    for (quantity, comparison), block in diffs.groupby(["quantity", "comparison"]):
-        for proj, part in [*block.groupby("proj"), ("all", block)]:
-            rows.append({"quantity": quantity, "comparison": comparison, "projection": proj, "layers": len(part),
-                         "mean_diff": part["diff"].mean(), "layers_up": int((part["low"] > 0).sum()),
-                         "layers_down": int((part["high"] < 0).sum()), "seeds": int(part["n"].max())})
+    for quantity in ("specialisation", "entropy"):
+        values = seed_values(summaries, quantity).reset_index()
+        values["proj"] = values["layer"].map(lambda n: n.rsplit(".", 1)[-1])
+        for comparison in values.columns.drop(["layer", "seed", "proj"]):
+            block = diffs[(diffs["quantity"] == quantity) & (diffs["comparison"] == comparison)]
+            for proj in [*PROJECTIONS, "all"]:
+                part = block if proj == "all" else block[block["proj"] == proj]
+                chosen = values if proj == "all" else values[values["proj"] == proj]
+                per_seed = chosen.groupby("seed")[comparison].mean().dropna()
+                test = paired_t(per_seed, np.zeros(len(per_seed)))
+                rows.append({"quantity": quantity, "comparison": comparison, "projection": proj,
+                             "layers": len(part), "mean_diff": test["diff"], "low": test["low"],
+                             "high": test["high"], "p": test["p"], "seeds": test["n"],
+                             "layers_up": int((part["low"] > 0).sum()), "layers_down": int((part["high"] < 0).sum())})
     return pd.DataFrame(rows)
 
 
@@ -104,8 +128,8 @@ def plot(diffs: pd.DataFrame) -> Any:
             ax.set_ylabel("block" if j == 0 else "")
             ax.set_title(f"{quantity}\n{comparison}\n({int(table['n'].max())} seeds)", fontsize=8)
             fig.colorbar(image, ax=ax, shrink=0.7)
-    fig.suptitle("SmolLM2-135M, ARC-E + BoolQ + OBQA: routing of held-out rows (dot: 95% t interval excludes 0)",
-                 fontsize=9)
+    fig.suptitle("SmolLM2-135M, ARC-E + BoolQ + OBQA: routing of held-out rows\n"
+                 "(seed means; dot: the layer's 95% t interval over seeds excludes 0)", fontsize=9)
     return fig
 
 
@@ -120,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     diffs = differences(summaries)
     diffs.to_csv(args.folder / "routing_layers.csv", index=False)
-    table = summary(diffs)
+    table = summary(diffs, summaries)
     table.to_csv(args.folder / "routing_summary.csv", index=False)
     plot(diffs).savefig(args.folder / "routing.png", dpi=120)
     with pd.option_context("display.width", 160, "display.max_rows", 200):

@@ -125,8 +125,12 @@ def test_routing_grid_puts_each_layer_in_its_block_and_projection() -> None:
     between = diffs[diffs["comparison"] == "moelora - moelora_no_contrastive (trained)"]
     assert np.allclose(between[between["quantity"] == "specialisation"]["diff"], 1.0)
     assert np.allclose(between[between["quantity"] == "entropy"]["diff"], -0.1)
-    overall = routing.summary(diffs).set_index(["quantity", "comparison", "projection"])
-    assert overall.loc[("specialisation", "moelora: trained - step0", "all"), "layers"] == 14
+    overall = routing.summary(diffs, summaries).set_index(["quantity", "comparison", "projection"])
+    row = overall.loc[("specialisation", "moelora: trained - step0", "all")]
+    assert row["layers"] == 14 and row["seeds"] == 3 and row["mean_diff"] == pytest.approx(1.01)
+    assert row["low"] == pytest.approx(1.0 - 0.01 * 4.303 / 3 ** 0.5 + 0.01, abs=1e-3) and row["p"] < 0.01
+    assert overall.loc[("entropy", "moelora - moelora_no_contrastive (trained)", "q_proj"), "mean_diff"] == (
+        pytest.approx(-0.1))
 
 
 def test_evaluation_commands(tmp_path: Path) -> None:
