@@ -221,7 +221,8 @@ def markdown(summary: dict[str, Any]) -> str:
                 for x in labels]
         out.append("")
     out += ["Cells: mean over seeds; 95% interval over the test examples (one run: Wilson; several: t over the "
-            "examples of the seed-averaged correctness); for `acc` with several seeds, the lowest and highest seed.", "", "### Paired differences (points)", "",
+            "examples of the seed-averaged correctness); for `acc` with several seeds, the lowest and highest seed.",
+            "", "### Paired differences (points)", "",
             "| a - b | set | scoring | `acc`: diff [95%], examples paired | a / b better | sign p | `acc_norm` diff "
             "[95%] | `acc` diff, seeds paired [95%] |", "|---" * 8 + "|"]
     for row in summary.get("sanity", []) + summary.get("paired", []):

@@ -49,6 +49,14 @@ def _eval_default(row: dict[str, Any], key: str) -> Any:
     raise KeyError(f"an eval row needs '{key}' (one of {EVAL_LISTS})")
 
 
+def eval_column(batch: dict[str, Any], key: str) -> list[Any]:
+    """``batch[key]``; for a batch that lacks it (built without :class:`Collator`), each row's default."""
+    if key in batch:
+        return batch[key]
+    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    return [_eval_default(row, key) for row in rows]
+
+
 def pad(seqs: Sequence[Sequence[int]], value: int, left: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Pad to the longest sequence: (B, L) long tensor and its (B, L) attention mask."""
     width = max(len(s) for s in seqs)

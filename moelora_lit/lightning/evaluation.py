@@ -15,6 +15,7 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import nn
 from torchmetrics import SumMetric
 
+from moelora_lit.data.batching import eval_column
 from moelora_lit.eval.answers import extract_answer, is_correct
 from moelora_lit.eval.choices import (
     LOGLIK_PROMPTS,
@@ -111,14 +112,13 @@ def loglik_rows(module: Any, batch: dict[str, Any], name: str, key: str) -> list
     """Score a batch of multiple-choice rows by option log-likelihood; update ``acc`` / ``acc_norm`` / ``n``."""
     prompt = module.loglik_prompt_used or resolve_loglik_prompt(module)
     questions: list[Question] = []
-    for task, instruction, answer, index in zip(batch["task"], batch.get("source_instruction", batch["instruction"]),
-                                                batch["answer"],
-                                                batch["index"], strict=True):
+    for task, instruction, answer, index in zip(batch["task"], eval_column(batch, "source_instruction"),
+                                                batch["answer"], batch["index"], strict=True):
         try:
             questions.append(parse_question(task, instruction, answer))
         except ValueError as err:
             raise ValueError(f"dataset '{name}': row {index} (0-based): {err}") from None
-    styles = batch.get("response") or ["dataset"] * len(questions)
+    styles = eval_column(batch, "response")
     requests = [harness_requests(q) if prompt == "harness" else training_requests(q, p, style)
                 for q, p, style in zip(questions, batch["prompt"], styles, strict=True)]
     logliks = score_questions(module.model, module.tokenizer, requests, joint=prompt == "harness",

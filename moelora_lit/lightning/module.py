@@ -21,6 +21,7 @@ from moelora_lit.adapter_io import (
     save_adapter,
 )
 from moelora_lit.config import MoELoRAConfig
+from moelora_lit.data.batching import eval_column
 from moelora_lit.eval.answers import PROTOCOLS
 from moelora_lit.inject import collect_aux_losses, inject_moelora, matches, push_queues, set_token_mask
 from moelora_lit.lightning import evaluation
@@ -235,8 +236,7 @@ class MoELoRAModule(L.LightningModule):
             return evaluation.loglik_rows(self, batch, name, self._metric_key(name))
         texts = generate_texts(self, batch, self.max_new_tokens, self.num_beams)
         tasks = batch.get("task") or [name] * len(texts)  # the registry name decides the answer format
-        styles = batch.get("response") or ["dataset"] * len(texts)
-        sources = batch.get("source_instruction") or batch.get("instruction") or [""] * len(texts)
+        styles, sources = eval_column(batch, "response"), eval_column(batch, "source_instruction")
         rows = [evaluation.generated_row(name, task, prompt, text, gold, style, source, self.answer_protocol)
                 for prompt, text, gold, task, style, source in zip(batch["prompt"], texts, batch["answer"], tasks,
                                                                    styles, sources, strict=True)]
