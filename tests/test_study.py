@@ -232,3 +232,13 @@ def test_ledger_restores_choices_and_retrains_a_chosen_run_whose_adapter_is_gone
     again = [(t.seed, t.scoring) for t in fresh.train_tasks()[0] if t.method == "lora"]
     assert again == [(0, None), (2, None)]                    # seed 1's evaluations are all recorded
     assert not [t for t in fresh.eval_tasks() if t.method == "lora"]  # nothing to evaluate without adapters
+
+
+def test_git_keeps_the_ledger_records() -> None:
+    """The evaluation records sit in ``lightning_logs/`` folders, which the repository otherwise ignores; a ledger git
+    drops would leave a fresh clone's table empty."""
+    import subprocess
+
+    record = study.LEDGER / "train/lora/lr0.001/run/seed0/eval/generate/lightning_logs/version_0/predictions.jsonl"
+    checked = subprocess.run(["git", "check-ignore", "-q", str(record)], cwd=study.ROOT, check=False)
+    assert checked.returncode == 1  # 0 would mean ignored, 128 that this is not a git checkout
