@@ -236,6 +236,13 @@ def markdown(summary: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
+def portable(command: str) -> str:
+    """A recorded command as run from the repository root: ``python``, repository-relative configs, ``../shared``."""
+    command = re.sub(r"^\S*/bin/python3?(\.\d+)? ", "python ", command)
+    command = re.sub(r"/[^\s\"']*/(experiments/smollm2_commonsense_\w+\.yaml)", r"\1", command)
+    return re.sub(r"/[^\s\"']*/shared/data/", "../shared/data/", command)
+
+
 def write_table(study: Any, results: Path) -> None:
     """Write the CSV, grid CSV, JSON, routing files and commands (see the module docstring)."""
     df, grid, choices, folders = collect(study)
@@ -257,9 +264,10 @@ def write_table(study: Any, results: Path) -> None:
     commands = ["# python scripts/smollm2_study.py all --jobs 2 --prefer evaluate   (then: table); each run's and "
                 "evaluation's command:"]
     for log in sorted(study.out.rglob("run.json")):  # without the --ckpt_path of a resumed attempt
-        commands.append(re.sub(r" --ckpt_path \S+", "", json.loads(log.read_text())["command"]))
+        commands.append(portable(re.sub(r" --ckpt_path \S+", "", json.loads(log.read_text())["command"])))
     for folder in sorted({p.parent for name in ("test.log", "command.txt") for p in study.out.rglob(name)}):
         log = folder / "test.log" if (folder / "test.log").is_file() else folder / "command.txt"  # restored record
-        commands += [line[2:] for line in log.read_text(errors="replace").splitlines() if line.startswith("$ ")][-1:]
+        commands += [portable(line[2:]) for line in log.read_text(errors="replace").splitlines()
+                     if line.startswith("$ ")][-1:]
     (results / "smollm2_commonsense_commands.txt").write_text("\n".join(commands) + "\n")
     print(f"{len(df)} result rows, {len(grid)} training runs -> {results}")

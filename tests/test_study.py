@@ -203,6 +203,9 @@ def test_table_rows_and_paired_sanity_check(tmp_path: Path) -> None:
     assert "| zero-shot, harness prompt | - | 50.0 [" in md and "| moelora | 3 | 62.5 [" in md
     assert "| lora - zero_shot | ARC-Easy | loglikelihood (training) | +25.0 [" in md
     assert "| moelora - lora | ARC-Easy | loglikelihood (training) | -12.5 [" in md
+    recorded = "/venv/bin/python -m moelora_lit fit --config /wt/3/experiments/smollm2_commonsense_lora.yaml"
+    assert table.portable(recorded) == "python -m moelora_lit fit --config experiments/smollm2_commonsense_lora.yaml"
+    assert table.portable('x \'[{"path": "/work/shared/data/a.json"}]\'') == 'x \'[{"path": "../shared/data/a.json"}]\''
 
 
 def test_ledger_restores_choices_and_retrains_a_chosen_run_whose_adapter_is_gone(tmp_path: Path) -> None:
