@@ -111,7 +111,9 @@ def plot(diffs: pd.DataFrame) -> Any:
     quantities = ["specialisation", "entropy"]
     fig, axes = plt.subplots(2, len(comparisons), figsize=(3.4 * len(comparisons) + 1, 9), squeeze=False,
                              layout="constrained")
+    units = {"specialisation": "task specialisation, JS bits", "entropy": "gate entropy, nats"}
     for i, quantity in enumerate(quantities):
+        limit = float(np.nanmax(np.abs(diffs.loc[diffs["quantity"] == quantity, "diff"]))) or 1.0  # one scale a row
         for j, comparison in enumerate(comparisons):
             table = diffs[(diffs["quantity"] == quantity) & (diffs["comparison"] == comparison)]
             ax = axes[i, j]
@@ -119,14 +121,13 @@ def plot(diffs: pd.DataFrame) -> Any:
                 ax.axis("off")
                 continue
             values, low, high = grid(table), grid(table, "low"), grid(table, "high")
-            limit = float(np.nanmax(np.abs(values.to_numpy()))) or 1.0
             image = ax.imshow(values.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
             ys, xs = np.nonzero(((low > 0) | (high < 0)).to_numpy())
             ax.scatter(xs, ys, s=6, color="k")
             ax.set_xticks(range(len(PROJECTIONS)), [p.replace("_proj", "") for p in PROJECTIONS], fontsize=7)
             ax.set_yticks(range(0, len(values), 5), values.index[::5], fontsize=7)
             ax.set_ylabel("block" if j == 0 else "")
-            ax.set_title(f"{quantity}\n{comparison}\n({int(table['n'].max())} seeds)", fontsize=8)
+            ax.set_title(f"{units[quantity]}\n{comparison}\n({int(table['n'].max())} seeds)", fontsize=8)
             fig.colorbar(image, ax=ax, shrink=0.7)
     fig.suptitle("SmolLM2-135M, ARC-E + BoolQ + OBQA: routing of held-out rows\n"
                  "(seed means; dot: the layer's 95% t interval over seeds excludes 0)", fontsize=9)
