@@ -247,7 +247,8 @@ def write_table(study: Any, results: Path) -> None:
     """Write the CSV, grid CSV, JSON, routing files and commands (see the module docstring)."""
     df, grid, choices, folders = collect(study)
     results.mkdir(parents=True, exist_ok=True)
-    df.astype({"seed": "Int64"}).to_csv(results / "smollm2_commonsense.csv", index=False)  # zero-shot: no seed
+    df.astype({"seed": "Int64", "acc_norm": float}).round({"acc": 6, "acc_norm": 6}).to_csv(  # zero-shot: no seed
+        results / "smollm2_commonsense.csv", index=False)
     grid.to_csv(results / "smollm2_commonsense_grid.csv", index=False)
     routing = results / "smollm2_commonsense_routing"
     for (method, seed, _), folder in folders.items():
