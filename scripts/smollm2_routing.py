@@ -36,24 +36,39 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 A, B = "moelora", "moelora_no_contrastive"
 
 
+QUANTITIES = ("specialisation", "entropy")
+
+
+def seed_values(summaries: Mapping[tuple[str, int], Any], quantity: str) -> pd.DataFrame:
+    """Per (layer, seed), in the model's layer order, each comparison's difference: per method trained minus step 0,
+    and MoELoRA minus MoELoRA without the contrastive loss after training (one column each)."""
+    long = per_layer(summaries, quantity)
+    wide = long.pivot_table(index=["layer", "seed"], columns=["method", "state"], values="value")
+    wide = wide.reindex(list(dict.fromkeys(long["layer"])), level="layer")
+    out = pd.DataFrame(index=wide.index)
+    for method in sorted(set(long["method"])):
+        if (method, "trained") in wide:
+            out[f"{method}: trained - step0"] = wide[(method, "trained")] - wide[(method, "step0")]
+    if (A, "trained") in wide and (B, "trained") in wide:
+        out[f"{A} - {B} (trained)"] = wide[(A, "trained")] - wide[(B, "trained")]
+    return out
+
+
+def zero_test(values: pd.Series) -> dict[str, float]:
+    """Mean of the per-seed ``values`` with its 95% t interval and the p-value of a zero mean."""
+    values = values.dropna()
+    return paired_t(values, np.zeros(len(values)))
+
+
 def differences(summaries: Mapping[tuple[str, int], Any]) -> pd.DataFrame:
-    """Long table ``quantity, comparison, layer, diff, low, high, p, n``: per method trained minus step 0, and
-    MoELoRA minus MoELoRA without the contrastive loss after training, each paired over seeds."""
+    """Long table ``quantity, comparison, layer, diff, low, high, p, n``: each comparison of :func:`seed_values`
+    per layer, paired over seeds."""
     rows = []
-    for key, quantity in (("specialisation", "specialisation"), ("entropy", "entropy")):
-        long = per_layer(summaries, key)
-        wide = long.pivot_table(index=["layer", "seed"], columns=["method", "state"], values="value")
-        for layer in dict.fromkeys(long["layer"]):
-            block = wide.loc[layer]
-            for method in sorted(set(long["method"])):
-                if (method, "trained") in block:
-                    pair = block[[(method, "trained"), (method, "step0")]].dropna()
-                    rows.append({"quantity": quantity, "comparison": f"{method}: trained - step0", "layer": layer}
-                                | paired_t(pair.iloc[:, 0], pair.iloc[:, 1]))
-            if (A, "trained") in block and (B, "trained") in block:
-                pair = block[[(A, "trained"), (B, "trained")]].dropna()
-                rows.append({"quantity": quantity, "comparison": f"{A} - {B} (trained)", "layer": layer}
-                            | paired_t(pair.iloc[:, 0], pair.iloc[:, 1]))
+    for quantity in QUANTITIES:
+        values = seed_values(summaries, quantity)
+        for layer, block in values.groupby(level="layer", sort=False):
+            rows += [{"quantity": quantity, "comparison": comparison, "layer": layer} | zero_test(block[comparison])
+                     for comparison in values.columns]
     return pd.DataFrame(rows)
 
 
@@ -64,26 +79,13 @@ def grid(table: pd.DataFrame, value: str = "diff") -> pd.DataFrame:
     return out.pivot(index="block", columns="proj", values=value).reindex(columns=PROJECTIONS)
 
 
-def seed_values(summaries: Mapping[tuple[str, int], Any], quantity: str) -> pd.DataFrame:
-    """Per layer and seed, each comparison's difference (columns named as in :func:`differences`)."""
-    long = per_layer(summaries, quantity)
-    wide = long.pivot_table(index=["layer", "seed"], columns=["method", "state"], values="value")
-    out = pd.DataFrame(index=wide.index)
-    for method in sorted(set(long["method"])):
-        if (method, "trained") in wide:
-            out[f"{method}: trained - step0"] = wide[(method, "trained")] - wide[(method, "step0")]
-    if (A, "trained") in wide and (B, "trained") in wide:
-        out[f"{A} - {B} (trained)"] = wide[(A, "trained")] - wide[(B, "trained")]
-    return out
-
-
 def summary(diffs: pd.DataFrame, summaries: Mapping[tuple[str, int], Any]) -> pd.DataFrame:
     """Per comparison, quantity and projection (and ``all`` 210 layers): the difference averaged over the layers,
     with its 95% t interval and p over seeds (each seed's layer mean, paired), and how many layers' own intervals
     exclude 0 in each direction (about 5% of them would by chance)."""
     rows = []
     diffs = diffs.assign(proj=diffs["layer"].map(lambda n: n.rsplit(".", 1)[-1]))
-    for quantity in ("specialisation", "entropy"):
+    for quantity in QUANTITIES:
         values = seed_values(summaries, quantity).reset_index()
         values["proj"] = values["layer"].map(lambda n: n.rsplit(".", 1)[-1])
         for comparison in values.columns.drop(["layer", "seed", "proj"]):
@@ -91,8 +93,7 @@ def summary(diffs: pd.DataFrame, summaries: Mapping[tuple[str, int], Any]) -> pd
             for proj in [*PROJECTIONS, "all"]:
                 part = block if proj == "all" else block[block["proj"] == proj]
                 chosen = values if proj == "all" else values[values["proj"] == proj]
-                per_seed = chosen.groupby("seed")[comparison].mean().dropna()
-                test = paired_t(per_seed, np.zeros(len(per_seed)))
+                test = zero_test(chosen.groupby("seed")[comparison].mean())
                 rows.append({"quantity": quantity, "comparison": comparison, "projection": proj,
                              "layers": len(part), "mean_diff": test["diff"], "low": test["low"],
                              "high": test["high"], "p": test["p"], "seeds": test["n"],
@@ -108,11 +109,10 @@ def plot(diffs: pd.DataFrame) -> Any:
     import matplotlib.pyplot as plt
 
     comparisons = list(dict.fromkeys(diffs["comparison"]))
-    quantities = ["specialisation", "entropy"]
     fig, axes = plt.subplots(2, len(comparisons), figsize=(3.4 * len(comparisons) + 1, 9), squeeze=False,
                              layout="constrained")
     units = {"specialisation": "task specialisation, JS bits", "entropy": "gate entropy, nats"}
-    for i, quantity in enumerate(quantities):
+    for i, quantity in enumerate(QUANTITIES):
         limit = float(np.nanmax(np.abs(diffs.loc[diffs["quantity"] == quantity, "diff"]))) or 1.0  # one scale a row
         for j, comparison in enumerate(comparisons):
             table = diffs[(diffs["quantity"] == quantity) & (diffs["comparison"] == comparison)]
