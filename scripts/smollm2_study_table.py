@@ -16,6 +16,7 @@ Writes into ``experiments/results/``:
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 import shutil
@@ -50,12 +51,17 @@ def eval_rows(folder: Path, meta: dict[str, Any], scoring: tuple) -> list[dict[s
     return rows
 
 
+@functools.lru_cache(maxsize=256)
+def read_predictions(path: Path, mtime_ns: int) -> tuple[dict[str, Any], ...]:
+    """The rows of one ``predictions.jsonl``, parsed once per version of the file (``mtime_ns`` keys the cache)."""
+    return tuple(json.loads(line) for line in path.read_text().splitlines())
+
+
 def correctness(folder: Path, key: str = "correct") -> dict[str, np.ndarray]:
     """Per dataset, the per-example 0/1 ``key`` of the newest ``predictions.jsonl`` under ``folder``, in order."""
     path = newest(folder, "predictions.jsonl")
     out: dict[str, list[float]] = {}
-    for line in path.read_text().splitlines() if path else []:
-        row = json.loads(line)
+    for row in read_predictions(path, path.stat().st_mtime_ns) if path else ():
         if key in row:
             out.setdefault(row["dataset"], []).append(float(row[key]))
     return {k: np.asarray(v) for k, v in out.items()}
@@ -169,12 +175,10 @@ def paired_examples(folders: dict[tuple, Path], a: str, b: str, name: str, datas
     both have (zero-shot: its one run), 95% t interval over examples; also the exact sign test of the examples
     where they differ. ``b`` is read from scoring ``name_b`` when given (default ``name``)."""
     seeds, ya = seed_mean(folders, a, name, dataset, key)
-    if b == "zero_shot":
-        yb = seed_mean(folders, b, name_b or name, dataset, key)[1]
-    else:
+    if b != "zero_shot":  # the seeds both have; zero-shot's one run pairs with every seed's mean
         seeds = seed_mean(folders, b, name_b or name, dataset, key, seeds)[0]
-        seeds, ya = seed_mean(folders, a, name, dataset, key, seeds)
-        yb = seed_mean(folders, b, name_b or name, dataset, key, seeds)[1]
+        ya = seed_mean(folders, a, name, dataset, key, seeds)[1]
+    yb = seed_mean(folders, b, name_b or name, dataset, key, None if b == "zero_shot" else seeds)[1]
     if ya is None or yb is None or ya.shape != yb.shape:
         return None
     diff = ya - yb
