@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moelora_lit.data import DatasetSpec, ReasoningDataModule, build_prompt, convert_rows, detect_format
-from moelora_lit.data.batching import LengthGroupedSampler
+from moelora_lit.data.batching import LengthGroupedSampler, eval_column
 from moelora_lit.data.formats import REGISTRY
 from moelora_lit.data.prompts import ALPACA
 from moelora_lit.eval.answers import normalize_gold
@@ -364,6 +364,12 @@ def test_eval_batches_left_pad_prompts(tok_dir: str, tmp_path: Path, math_file: 
     assert batch["dataset"] == ["math_small"] * 3 and batch["answer"] == ["7", "24", "6"]
     assert batch["task"] == ["gsm8k"] * 3 and batch["index"] == [0, 1, 2]
     assert batch["instruction"] == [r["instruction"] for r in MATH[:3]]
+    assert batch["source_instruction"] == batch["instruction"] and batch["response"] == ["dataset"] * 3
+    by_hand = {k: v for k, v in batch.items() if k not in ("source_instruction", "response")}  # no Collator
+    assert eval_column(by_hand, "source_instruction") == batch["instruction"]
+    assert eval_column(by_hand, "response") == ["dataset"] * 3 and eval_column(batch, "index") == [0, 1, 2]
+    with pytest.raises(KeyError, match="an eval row needs 'answer'"):
+        eval_column({k: v for k, v in by_hand.items() if k != "answer"}, "answer")
     pids, pmask = batch["prompt_input_ids"], batch["prompt_attention_mask"]
     assert pmask[:, -1].all() and not pmask[:, 0].all()  # LEFT padded, lengths differ
     for i, prompt in enumerate(batch["prompt"]):

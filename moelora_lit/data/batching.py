@@ -53,7 +53,8 @@ def eval_column(batch: dict[str, Any], key: str) -> list[Any]:
     """``batch[key]``; for a batch that lacks it (built without :class:`Collator`), each row's default."""
     if key in batch:
         return batch[key]
-    rows = [dict(zip(batch, values, strict=True)) for values in zip(*batch.values(), strict=True)]
+    lists = [k for k in EVAL_LISTS if k in batch]  # the rows' own columns, not the batch's tensors
+    rows = [dict(zip(lists, values, strict=True)) for values in zip(*(batch[k] for k in lists), strict=True)]
     return [_eval_default(row, key) for row in rows]
 
 

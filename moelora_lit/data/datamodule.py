@@ -237,8 +237,9 @@ class ReasoningDataModule(LightningDataModule):
                 "tokens; their teacher-forced loss sees a truncated text (generation uses the full prompt)"
             )
         ds = ds.add_column("dataset", [part.display] * len(ds)).add_column("task", [part.task] * len(ds))
-        ds = ds.add_column("index", list(range(len(ds))))  # source_instruction: cloze rows only (see data.specs);
-        return ds.add_column("response", [part.response] * len(ds))  # the Collator defaults it to the instruction
+        # source_instruction is a column of cloze rows only (data.specs); the Collator defaults it to the instruction
+        ds = ds.add_column("index", list(range(len(ds))))
+        return ds.add_column("response", [part.response] * len(ds))
 
     def setup(self, stage: str | None = None) -> None:
         """Tokenize the splits `stage` needs ("fit", "validate", "test", "predict" or None for all)."""
