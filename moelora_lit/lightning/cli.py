@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import sys
+from collections.abc import Sequence
 from typing import Any
 
 from lightning.pytorch.callbacks.progress.progress_bar import ProgressBar as ProgressBarBase
@@ -28,13 +30,34 @@ SUBCOMMANDS = ("fit", "validate", "test", "predict")
 RUNTIME_KEYS = ("base_model", "init_adapter", "torch_dtype", "trust_remote_code", "gradient_checkpointing",
                 "max_new_tokens", "generate_on_validation", "answer_protocol", "num_beams", "gguf_file", "quantization",
                 "scoring", "loglik_prompt", "loglik_batch_sequences")
+# Dataset lists that a command-line value replaces whole (see replace_whole_lists).
+WHOLE_LISTS = ("data.train", "data.val", "data.test")
+
+
+def replace_whole_lists(args: Sequence[str]) -> list[str]:
+    """``args`` with ``--data.<split>=null`` before every ``--data.<split>=[...]`` / ``--data.<split> [...]``.
+
+    jsonargparse merges a list given on the command line item by item into an earlier list of the same length, so
+    ``--data.test=[{name: arc_c, path: P}]`` after a config whose one test entry has ``limit: 300`` would keep that
+    limit. Resetting the key first makes the command line's entries replace the config's whole: a field left out
+    takes its :class:`~moelora_lit.data.specs.DatasetSpec` default. ``--data.<split>+=...`` still appends.
+    """
+    out: list[str] = []
+    for arg in args:
+        key = arg.split("=", 1)[0] if isinstance(arg, str) else None
+        if key is not None and key.startswith("--") and key[2:] in WHOLE_LISTS:
+            out.append(f"{key}=null")
+        out.append(arg)
+    return out
 
 
 class MoELoRACLI(LightningCLI):
     """LightningCLI with the tokenizer linked to the base model, routing statistics and fault tolerance
     (``faults``) always on, pre-flight checks before anything heavy runs, ``--ckpt_path`` refused when it holds
     pickled objects and loaded with ``weights_only=True``, a mid-epoch-resumable train loader, and ``fit``
-    followed by ``test`` when the data has test sets (``--test_after_fit=false`` to skip)."""
+    followed by ``test`` when the data has test sets (``--test_after_fit=false`` to skip). A ``--data.train``,
+    ``--data.val`` or ``--data.test`` list on the command line replaces the config's list whole
+    (:func:`replace_whole_lists`)."""
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments(("model.base_model", "model.gguf_file"), "data.tokenizer", compute_fn=tokenizer_reference)
@@ -60,6 +83,8 @@ class MoELoRACLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        if args is None or isinstance(args, (list, tuple)):  # a dict or Namespace has no command-line order
+            args = replace_whole_lists(sys.argv[1:] if args is None else args)
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:  # LightningCLI reads the checkpoint's hyper-parameters next (weights_only=True): check first
