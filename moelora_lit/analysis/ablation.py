@@ -1,7 +1,8 @@
-"""The ablation: a learning-rate sweep per method scored on validation, then every method at its chosen rate
-for the same seeds, tested; results and per-run routing summaries written where the notebooks read them.
+"""The CPU ablation (``experiments/studies/cpu_ablation``): a learning-rate sweep per method scored on
+validation, then every method at its chosen rate for the same seeds, tested; results and per-run routing
+summaries written where the notebooks read them.
 
-Files written to ``results_dir`` (``experiments/results`` by default):
+Files written to ``results_dir`` (``experiments/studies/cpu_ablation/results`` by default):
 
 - ``ablation_sweep.csv``: validation accuracy of every sweep run (method, lr, alpha, sweep seed, task);
 - ``ablation_chosen.json``: the grid, each method's chosen lr (and alpha) with its mean validation accuracy,
@@ -23,22 +24,27 @@ from pathlib import Path
 
 import pandas as pd
 
-from moelora_lit.analysis.runs import METHODS, Run, collect, find_log_dir, method_alpha, order, run_dir, run_grid
+from moelora_lit.analysis.logs import find_log_dir
+from moelora_lit.analysis.runs import METHODS, Run, collect, method_alpha, order, run_dir, run_grid
+from moelora_lit.analysis.study import LADDER, select_lr
 
-RESULTS = Path(__file__).resolve().parents[2] / "experiments" / "results"
+RESULTS = Path("experiments") / "studies" / "cpu_ablation" / "results"  # relative to the repository root
 
 
 def choose(sweep: pd.DataFrame) -> dict[str, dict[str, float]]:
-    """Per method, the lr with the highest mean validation accuracy over tasks (ties: the smaller lr)."""
+    """Per method, the lr with the highest mean validation accuracy over tasks (ties: the smaller lr), by
+    :func:`moelora_lit.analysis.study.select_lr`; ``extend_grid`` names the next lr to run when the choice lacks a
+    worse neighbour on one side (``"beyond the ladder"`` when it sits at the end of :data:`LADDER`)."""
     val = sweep[sweep["split"] == "validation"]
     scores = val.groupby(["method", "lr"])["accuracy"].mean().reset_index()
     chosen = {}
     for method in order(list(scores["method"])):
         block = scores[scores["method"] == method].sort_values(["accuracy", "lr"], ascending=[False, True])
-        best = block.iloc[0]
-        chosen[method] = {"lr": float(best["lr"]), "val_accuracy": round(float(best["accuracy"]), 4),
-                          "grid": {f"{lr:g}": round(float(a), 4) for lr, a in zip(block["lr"], block["accuracy"],
-                                                                                   strict=True)}}
+        grid = {float(lr): float(a) for lr, a in zip(block["lr"], block["accuracy"], strict=True)}
+        best, extend, bracketed = select_lr(grid, higher_is_better=True, ladder=sorted({*LADDER, *grid}))
+        chosen[method] = {"lr": best, "val_accuracy": round(grid[best], 4),
+                          "grid": {f"{lr:g}": round(a, 4) for lr, a in grid.items()},
+                          "extend_grid": None if bracketed else extend if extend is not None else "beyond the ladder"}
     return chosen
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from moelora_lit.analysis.routing import paired_layer_difference, per_layer
+from moelora_lit.analysis.routing import PROJECTIONS, QUANTITIES, block_grid, paired_layer_difference, per_layer
 from moelora_lit.analysis.runs import order
 from moelora_lit.analysis.stats import CHANCE, MEAN, REFERENCE, interval_table, paired_table, per_seed
 from moelora_lit.lightning.figures import short_layer_name
@@ -199,4 +199,35 @@ def plot_expert_use(summary: Mapping[str, Any], title: str = "", state: str = "t
     fig.colorbar(top, ax=axes[0], shrink=0.8, label="load share")
     fig.colorbar(bottom, ax=axes[1], shrink=0.8, label="minus the layer's mean over tasks")
     fig.suptitle(f"{title} ({state}): expert use per layer, {summary[state]['examples']} test rows", fontsize=10)
+    return fig
+
+
+def plot_layer_grid(diffs: pd.DataFrame, title: str = "") -> Any:
+    """Per quantity (rows: specialisation, entropy) and comparison (columns) of :func:`routing.differences`, a
+    (block x projection) heatmap of the seed-mean difference on one colour scale per row; a dot marks the layers whose
+    95% t interval over seeds excludes 0."""
+    plt = _plt()
+
+    comparisons = list(dict.fromkeys(diffs["comparison"]))
+    fig, axes = plt.subplots(2, len(comparisons), figsize=(3.4 * len(comparisons) + 1, 9), squeeze=False,
+                             layout="constrained")
+    units = {"specialisation": "task specialisation, JS bits", "entropy": "gate entropy, nats"}
+    for i, quantity in enumerate(QUANTITIES):
+        limit = float(np.nanmax(np.abs(diffs.loc[diffs["quantity"] == quantity, "diff"]))) or 1.0  # one scale a row
+        for j, comparison in enumerate(comparisons):
+            table = diffs[(diffs["quantity"] == quantity) & (diffs["comparison"] == comparison)]
+            ax = axes[i, j]
+            if table.empty:
+                ax.axis("off")
+                continue
+            values, low, high = block_grid(table), block_grid(table, "low"), block_grid(table, "high")
+            image = ax.imshow(values.to_numpy(), aspect="auto", cmap="RdBu_r", vmin=-limit, vmax=limit)
+            ys, xs = np.nonzero(((low > 0) | (high < 0)).to_numpy())
+            ax.scatter(xs, ys, s=6, color="k")
+            ax.set_xticks(range(len(PROJECTIONS)), [p.replace("_proj", "") for p in PROJECTIONS], fontsize=7)
+            ax.set_yticks(range(0, len(values), 5), values.index[::5], fontsize=7)
+            ax.set_ylabel("block" if j == 0 else "")
+            ax.set_title(f"{units[quantity]}\n{comparison}\n({int(table['n'].max())} seeds)", fontsize=8)
+            fig.colorbar(image, ax=ax, shrink=0.7)
+    fig.suptitle(f"{title}\n(seed means; dot: the layer's 95% t interval over seeds excludes 0)", fontsize=9)
     return fig

@@ -1,7 +1,7 @@
 """Routing analysis against proper nulls, per layer (numpy only).
 
 Inputs are per-example expert loads: ``loads[e, l, i]`` is example e's mean gate on expert i at layer l over its
-tokens, from :class:`moelora_lit.analysis.probe.RoutingProbe`, which measures the same held-out rows twice: with
+tokens, from :class:`moelora_lit.lightning.probe.RoutingProbe`, which measures the same held-out rows twice: with
 the router at step 0 (untrained; the adapters are still the identity) and after training.
 
 - **Specialisation** of layer l: the mean over task pairs of the Jensen-Shannon divergence (bits) between the
@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Mapping, Sequence
-from itertools import combinations
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,67 +27,14 @@ import numpy as np
 import pandas as pd
 
 from moelora_lit.analysis.stats import paired_t
-
-
-def js_divergence(p: np.ndarray, q: np.ndarray) -> np.ndarray:
-    """Jensen-Shannon divergence in bits along the last axis (0 for equal, 1 for disjoint distributions)."""
-    p = np.asarray(p, dtype=float) / np.asarray(p, dtype=float).sum(-1, keepdims=True)
-    q = np.asarray(q, dtype=float) / np.asarray(q, dtype=float).sum(-1, keepdims=True)
-    m = (p + q) / 2
-
-    def kl(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        with np.errstate(divide="ignore", invalid="ignore"):
-            return np.where(a > 0, a * np.log2(a / b), 0.0).sum(-1)
-
-    return (kl(p, m) + kl(q, m)) / 2
-
-
-def task_means(loads: np.ndarray, labels: np.ndarray, n_tasks: int) -> np.ndarray:
-    """(tasks, layers, N) mean loads per task from (examples, layers, N) ``loads`` and integer ``labels``."""
-    onehot = np.eye(n_tasks)[labels]                                                  # (E, K)
-    return np.einsum("ek,eln->kln", onehot, loads) / onehot.sum(0)[:, None, None]
-
-
-def specialisation(means: np.ndarray) -> np.ndarray:
-    """Per layer, the mean over task pairs of the JS divergence between tasks' expert use; ``means`` is
-    (..., tasks, layers, N), the result (..., layers)."""
-    pairs = list(combinations(range(means.shape[-3]), 2))
-    return np.mean([js_divergence(means[..., a, :, :], means[..., b, :, :]) for a, b in pairs], axis=0)
-
-
-def permutation_test(loads: np.ndarray, labels: Sequence[int], permutations: int = 1000,
-                     seed: int = 0) -> dict[str, Any]:
-    """Specialisation per layer and for the layer mean, against task labels shuffled over the examples.
-
-    Returns ``specialisation`` (layers,), ``null_mean`` (layers,), ``p`` (layers,) and the same for the layer mean
-    (``mean_specialisation``, ``mean_null``, ``mean_p``); p = (1 + #{null >= observed}) / (1 + permutations).
-    """
-    loads, labels = np.asarray(loads, dtype=float), np.asarray(labels)
-    n_tasks = int(labels.max()) + 1
-    observed = specialisation(task_means(loads, labels, n_tasks))                     # (L,)
-    rng = np.random.default_rng(seed)
-    shuffled = np.stack([rng.permutation(labels) for _ in range(permutations)])       # (P, E)
-    onehot = np.eye(n_tasks)[shuffled]                                                # (P, E, K)
-    means = np.einsum("pek,eln->pkln", onehot, loads) / onehot.sum(1)[:, :, None, None]
-    null = specialisation(means)                                                      # (P, L)
-    p = (1 + (null >= observed - 1e-12).sum(0)) / (1 + permutations)
-    mean_null = null.mean(1)
-    mean_p = (1 + (mean_null >= observed.mean() - 1e-12).sum()) / (1 + permutations)
-    return {"specialisation": observed.tolist(), "null_mean": null.mean(0).tolist(), "p": p.tolist(),
-            "mean_specialisation": float(observed.mean()), "mean_null": float(mean_null.mean()),
-            "mean_p": float(mean_p)}
-
-
-def summarise(loads: np.ndarray, labels: Sequence[int], tasks: Sequence[str], entropy: np.ndarray,
-              permutations: int = 1000, seed: int = 0) -> dict[str, Any]:
-    """The per-run summary of one routing state: the permutation test, per-layer entropy, and per task the
-    (layers, N) expert use, rounded for a small JSON file."""
-    test = permutation_test(loads, labels, permutations, seed)
-    means = task_means(np.asarray(loads, dtype=float), np.asarray(labels), len(tasks))
-    rounded = {k: (np.round(v, 5).tolist() if isinstance(v, list) else round(v, 6)) for k, v in test.items()}
-    return rounded | {"entropy": np.round(np.asarray(entropy, dtype=float), 5).tolist(),
-                      "use": {t: np.round(means[i], 4).tolist() for i, t in enumerate(tasks)},
-                      "examples": int(len(labels))}
+from moelora_lit.lightning.figures import short_layer_name
+from moelora_lit.lightning.probe import (  # noqa: F401 (re-exported)
+    js_divergence,
+    permutation_test,
+    specialisation,
+    summarise,
+    task_means,
+)
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -134,4 +80,74 @@ def paired_layer_difference(summaries: Mapping[tuple[str, int], Mapping[str, Any
     for layer in layers:
         pairs = table.loc[layer][[a, b]].dropna()
         rows.append({"layer": layer} | paired_t(pairs[a], pairs[b]))
+    return pd.DataFrame(rows)
+
+
+# ------------------------------------------------------------------------- per (block x projection) layer grid
+PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+QUANTITIES = ("specialisation", "entropy")
+
+
+def seed_values(summaries: Mapping[tuple[str, int], Any], quantity: str, a: str = "moelora",
+                b: str = "moelora_no_contrastive") -> pd.DataFrame:
+    """Per (layer, seed), in the model's layer order, each comparison's difference: per method trained minus step 0,
+    and ``a`` minus ``b`` after training (one column each)."""
+    long = per_layer(summaries, quantity)
+    wide = long.pivot_table(index=["layer", "seed"], columns=["method", "state"], values="value")
+    wide = wide.reindex(list(dict.fromkeys(long["layer"])), level="layer")
+    out = pd.DataFrame(index=wide.index)
+    for method in sorted(set(long["method"])):
+        if (method, "trained") in wide:
+            out[f"{method}: trained - step0"] = wide[(method, "trained")] - wide[(method, "step0")]
+    if (a, "trained") in wide and (b, "trained") in wide:
+        out[f"{a} - {b} (trained)"] = wide[(a, "trained")] - wide[(b, "trained")]
+    return out
+
+
+def zero_test(values: pd.Series) -> dict[str, float]:
+    """Mean of the per-seed ``values`` with its 95% t interval and the p-value of a zero mean."""
+    values = values.dropna()
+    return paired_t(values, np.zeros(len(values)))
+
+
+def differences(summaries: Mapping[tuple[str, int], Any]) -> pd.DataFrame:
+    """Long table ``quantity, comparison, layer, diff, low, high, p, n``: each comparison of :func:`seed_values`
+    per layer, paired over seeds."""
+    rows = []
+    for quantity in QUANTITIES:
+        values = seed_values(summaries, quantity)
+        for layer, block in values.groupby(level="layer", sort=False):
+            rows += [{"quantity": quantity, "comparison": comparison, "layer": layer} | zero_test(block[comparison])
+                     for comparison in values.columns]
+    return pd.DataFrame(rows)
+
+
+def block_grid(table: pd.DataFrame, value: str = "diff") -> pd.DataFrame:
+    """(blocks x projections) of one comparison's per-layer ``value``; layers are ``model.layers.<b>.*.<proj>``."""
+    names = table["layer"].map(short_layer_name).str.removeprefix("L").str.split(" ", n=1, expand=True)  # "L3 q_proj"
+    out = pd.DataFrame({"block": names[0].astype(int), "proj": names[1], value: table[value].to_numpy()})
+    return out.pivot(index="block", columns="proj", values=value).reindex(columns=PROJECTIONS)
+
+
+def layer_summary(diffs: pd.DataFrame, summaries: Mapping[tuple[str, int], Any]) -> pd.DataFrame:
+    """Per comparison, quantity and projection (and ``all`` 210 layers): the difference averaged over the layers,
+    with its 95% t interval and p over seeds (each seed's layer mean, paired), and how many layers' own intervals
+    exclude 0 in each direction (about 5% of them would by chance)."""
+    rows = []
+    diffs = diffs.assign(proj=diffs["layer"].map(lambda n: n.rsplit(".", 1)[-1]))
+    for quantity in QUANTITIES:
+        values = seed_values(summaries, quantity).reset_index()
+        values["proj"] = values["layer"].map(lambda n: n.rsplit(".", 1)[-1])
+        for comparison in values.columns.drop(["layer", "seed", "proj"]):
+            block = diffs[(diffs["quantity"] == quantity) & (diffs["comparison"] == comparison)]
+            for proj in [*PROJECTIONS, "all"]:
+                part = block if proj == "all" else block[block["proj"] == proj]
+                chosen = values if proj == "all" else values[values["proj"] == proj]
+                test = zero_test(chosen.groupby("seed")[comparison].mean())
+                rows.append({"quantity": quantity, "comparison": comparison, "projection": proj,
+                             "layers": len(part), "mean_diff": test["diff"], "low": test["low"],
+                             "high": test["high"], "p": test["p"], "seeds": test["n"],
+                             "layers_up": int((part["low"] > 0).sum()), "layers_down": int((part["high"] < 0).sum())})
     return pd.DataFrame(rows)

@@ -1,9 +1,9 @@
-"""Running grids of training runs, one ``python -m moelora_lit fit`` each, skipping finished ones (:func:`run_all`,
-also behind ``scripts/sweep.py``), and the ablation grid: one run per (method, learning rate, seed), and its rows.
+"""The CPU ablation's grid: one ``python -m moelora_lit fit`` per (method, learning rate, seed) through the shared
+runner (:mod:`moelora_lit.analysis.runner`), and its result rows.
 
 Every run trains on the base config with the method's overrides, then tests on each task's **test** split and on
 its **validation** split (datasets ``val_<task>``), so the learning-rate sweep is scored on validation without ever
-looking at test. Its ``routing_probe.json`` (:class:`~moelora_lit.analysis.probe.RoutingProbe`) holds the
+looking at test. Its ``routing_probe.json`` (:class:`~moelora_lit.lightning.probe.RoutingProbe`) holds the
 per-example routing summary at step 0 and after training.
 
 Run layout: ``<out_dir>/<method>/lr<LR>/seed<S>/`` (``<out_dir>/<method>/seed<S>/`` for a run without a grid
@@ -15,22 +15,19 @@ of the run (method, seed, command, exit code, wall time) and Lightning's ``light
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import struct
-import subprocess
 import sys
-import time
-import traceback
-from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
+from moelora_lit.analysis.logs import find_log_dir
+from moelora_lit.analysis.runner import Job, run_jobs
 from moelora_lit.data.synthetic import SYNTHETIC_TASKS, effective_n
 from moelora_lit.eval.report import Run
 
@@ -51,7 +48,7 @@ METHODS: dict[str, list[str]] = {
 COLUMNS = ["method", "seed", "lr", "alpha", "split", "task", "accuracy", "n", "effective_n", "steps", "wall_s",
            "trainable_params"]
 VAL_PREFIX = "val_"
-PROBE = "--trainer.callbacks+=moelora_lit.analysis.probe.RoutingProbe"
+PROBE = "--trainer.callbacks+=moelora_lit.lightning.probe.RoutingProbe"
 
 
 def order(names: Sequence[str]) -> list[str]:
@@ -65,12 +62,6 @@ def run_dir(out_dir: str | os.PathLike, run: Run) -> Path:
     ``trainer.default_root_dir``."""
     lr = [] if run.lr is None else [f"lr{run.lr:g}"]
     return Path(out_dir).joinpath(run.method, *lr, f"seed{run.seed}")
-
-
-def find_log_dir(root: str | os.PathLike, name: str = "test_results.json") -> Path | None:
-    """The newest folder under ``root`` (itself included) holding a file ``name``; None if there is none."""
-    found = [p.parent for p in Path(root).rglob(name)] if Path(root).is_dir() else []
-    return max(found, key=lambda p: p.stat().st_mtime) if found else None
 
 
 def count_adapter_params(adapter_dir: str | os.PathLike) -> int:
@@ -145,115 +136,33 @@ def run_rows(out_dir: Path, run: Run, alpha: float = float("nan")) -> list[dict[
     return rows
 
 
-def _run_in_process(args: list[str], log: Any) -> int:
-    """``python -m moelora_lit <args>`` inside this process, its prints going to ``log``; the exit code."""
-    from moelora_lit.__main__ import main
-
-    with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-        try:
-            main(args=args)
-        except SystemExit as err:
-            return err.code if isinstance(err.code, int) else 1
-        except Exception:
-            traceback.print_exc(file=log)
-            return 1
-    return 0
-
-
 def run_grid(base_config: str | os.PathLike, out_dir: str | os.PathLike, runs: Sequence[Run],
              extra_args: Sequence[str] = (), jobs: int = 1, threads: int | None = None, isolate: bool = True,
              steps: int = -1, collect_only: bool = False) -> list[str]:
-    """The ablation's runs through :func:`run_all`: each method's overrides on ``base_config`` plus the routing probe,
-    logging to ``run.log`` and ``ablation_run.json``; a line per run with its mean accuracies. ``steps`` is recorded
-    in the rows; the other arguments are :func:`run_all`'s."""
+    """The ablation's runs through :func:`moelora_lit.analysis.runner.run_jobs`: each method's overrides on
+    ``base_config`` plus the routing probe, logging to ``run.log`` and ``ablation_run.json``; a line per run with
+    its mean accuracies. ``steps`` is recorded in the rows; the other arguments are :func:`run_jobs`'s."""
     out = Path(out_dir).resolve()
-
-    def build(run: Run, root: Path) -> list[str]:
-        return command(str(base_config), root, run, [*method_overrides(run.method, base_config), PROBE], extra_args)
-
-    def meta(run: Run, cmd: list[str]) -> dict[str, Any]:
-        return {"method": run.method, "seed": run.seed, "lr": run.lr, "alpha": method_alpha(run.method, base_config),
-                "steps": steps, "command": cmd}
-
-    def summary(run: Run) -> str | None:
-        rows = run_rows(out, run)
-        accs = {s: [r["accuracy"] for r in rows if r["split"] == s] for s in ("validation", "test")}
-        return "  ".join(f"mean {s} {np.mean(a):.3f}" for s, a in accs.items() if a) if rows else None
-
-    return run_all(runs, out, build, meta, log_name="run.log", meta_name="ablation_run.json", summary=summary,
-                   jobs=jobs, threads=threads, isolate=isolate, collect_only=collect_only)
-
-
-def run_all(runs: Sequence[Run], out_dir: str | os.PathLike, build: Callable[[Run, Path], list[str]],
-            meta: Callable[[Run, list[str]], dict[str, Any]], log_name: str = "run.log",
-            meta_name: str = "run.json", summary: Callable[[Run], str | None] | None = None, jobs: int = 1,
-            threads: int | None = None, isolate: bool = True, collect_only: bool = False,
-            stream: TextIO | None = None) -> list[str]:
-    """Run every unfinished run's command in its folder (:func:`run_dir`), ``jobs`` at a time; one line per run.
-
-    Resumable: a run with a ``test_results.json`` is skipped; a failed one runs again. Each run's folder gets
-    ``meta_name`` (``meta(run, command)`` before the run, plus its exit code and wall time after) and its output
-    in ``log_name``.
-
-    Args:
-        build: the command of a run, given the run and its folder (``python -m moelora_lit fit ...``).
-        summary: what to print for a run that exited 0, or None if it left no results (a failure); default: "ok".
-        threads: ``OMP_NUM_THREADS`` of each run.
-        isolate: False runs them one after another in this process (for tests: ``jobs`` and ``threads`` are then
-            ignored; the command must start with ``python -m moelora_lit``).
-        collect_only: train nothing; report the unfinished runs as failures.
-        stream: where the lines go (default: stdout).
-
-    Returns:
-        The failures (empty when all finished).
-    """
-    out = Path(out_dir).resolve()
-    env = dict(os.environ)
-    package_parent = str(Path(__file__).resolve().parents[2])  # runs find moelora_lit even when not installed
-    env["PYTHONPATH"] = os.pathsep.join([package_parent, *filter(None, [env.get("PYTHONPATH")])])
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     width = max([len(r.method) for r in runs] + [1])
 
-    def say(text: str) -> None:
-        print(text, file=stream or sys.stdout, flush=True)
-
-    def one(index: int, run: Run) -> str | None:
-        lr = "" if run.lr is None else f" lr {run.lr:<8g}"
-        label = f"[{index + 1:>{len(str(len(runs)))}}/{len(runs)}] {run.method:<{width}}{lr} seed {run.seed}"
-        name = f"{run.method}{'' if run.lr is None else f' lr {run.lr:g}'} seed {run.seed}"
+    def job(index: int, run: Run) -> Job:
         root = run_dir(out, run)
-        if find_log_dir(root) is not None:
-            say(f"{label}  skipped (test_results.json exists)")
-            return None
-        if collect_only:
-            say(f"{label}  not finished (collect only)")
-            return f"{name}: not finished"
-        root.mkdir(parents=True, exist_ok=True)
-        cmd = build(run, root)
-        info = meta(run, cmd)
-        (root / meta_name).write_text(json.dumps(info, indent=1))
-        start = time.perf_counter()
-        with open(root / log_name, "a") as log:
-            log.write("$ " + " ".join(cmd) + "\n")
-            log.flush()
-            if isolate:
-                code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env).returncode
-            else:
-                code = _run_in_process(cmd[3:], log)
-        wall = time.perf_counter() - start
-        (root / meta_name).write_text(json.dumps(info | {"returncode": code, "wall_s": wall}, indent=1))
-        done = find_log_dir(root) is not None
-        scores = (summary(run) if summary is not None else "ok") if done else None
-        if code != 0 or scores is None:
-            tail = "".join((root / log_name).read_text().splitlines(keepends=True)[-15:])
-            say(f"{label}  FAILED (exit {code}) after {wall:.1f} s; last lines of {root / log_name}:\n{tail}")
-            return f"{name}: exit {code}, see {root / log_name}"
-        say(f"{label}  {wall:7.1f} s  {scores}")
-        return None
+        cmd = command(str(base_config), root, run, [*method_overrides(run.method, base_config), PROBE], extra_args)
+        lr = "" if run.lr is None else f" lr {run.lr:<8g}"
+        accs = {}
 
-    with ThreadPoolExecutor(max_workers=max(1, jobs) if isolate else 1) as pool:
-        return [f for f in pool.map(lambda a: one(*a), list(enumerate(runs))) if f]
+        def summary() -> str | None:
+            rows = run_rows(out, run)
+            accs.update({s: [r["accuracy"] for r in rows if r["split"] == s] for s in ("validation", "test")})
+            return "  ".join(f"mean {s} {np.mean(a):.3f}" for s, a in accs.items() if a) if rows else None
+
+        meta = {"method": run.method, "seed": run.seed, "lr": run.lr, "alpha": method_alpha(run.method, base_config),
+                "steps": steps}
+        return Job(f"[{index + 1:>{len(str(len(runs)))}}/{len(runs)}] {run.method:<{width}}{lr} seed {run.seed}",
+                   root, cmd, meta=meta, meta_name="ablation_run.json", summary=summary)
+
+    return run_jobs([job(i, r) for i, r in enumerate(runs)], jobs=jobs, threads=threads, isolate=isolate,
+                    collect_only=collect_only)
 
 
 def collect(out_dir: str | os.PathLike, runs: Sequence[Run]) -> pd.DataFrame:

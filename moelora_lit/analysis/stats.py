@@ -1,5 +1,6 @@
-"""Statistics for the ablation as tables: t intervals over seeds, paired differences and tests (the numbers come
-from :mod:`moelora_lit.eval.stats`).
+"""Statistics of the studies: t intervals over seeds, paired differences and tests as tables (the t numbers come
+from :mod:`moelora_lit.eval.stats`), and per-example statistics (Wilson intervals, exact sign / McNemar tests) from
+scipy.
 
 Seeds are the unit of replication: a method's accuracy on a task is one number per seed (the share of that task's
 test rows answered right), the same seeds run for every method, so methods are compared as pairs per seed. The
@@ -8,14 +9,18 @@ test rows answered right), the same seeds run for every method, so methods are c
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pandas as pd
+from scipy.stats import binomtest
 
 from moelora_lit.eval.stats import betainc, paired_t, t_critical, t_interval, t_quantile, t_sf2
 
 __all__ = [
-    "CHANCE", "MEAN", "REFERENCE", "betainc", "format_interval", "interval_table", "paired_t", "paired_table",
-    "per_seed", "shared_seeds", "t_critical", "t_interval", "t_quantile", "t_sf2", "verdicts", "wide",
+    "CHANCE", "MEAN", "REFERENCE", "betainc", "examples_interval", "format_interval", "interval_table",
+    "paired_examples", "paired_t", "paired_table", "per_seed", "shared_seeds", "sign_test", "t_critical",
+    "t_interval", "t_quantile", "t_sf2", "verdicts", "wide", "wilson",
 ]  # fmt: skip
 
 MEAN = "mean"
@@ -111,3 +116,37 @@ def verdicts(df: pd.DataFrame, reference: str = REFERENCE, split: str = "test") 
             lines.append(f"- {r['method']} minus {reference}: {format_interval(r['diff'], r['low'], r['high'])}, "
                          f"paired t-test p = {r['p']:.3g} ({r['method']} {where} {reference} at this n)")
     return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- per example
+def wilson(correct: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of ``correct`` successes in ``n`` rows (scipy)."""
+    if n == 0:
+        return 0.0, 1.0
+    ci = binomtest(int(correct), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def sign_test(wins: int, losses: int) -> float:
+    """Two-sided exact binomial p of ``wins`` against ``losses`` (the rows where two methods differ): the sign test
+    of paired per-example differences, which for 0/1 correctness is the exact McNemar test."""
+    return float(binomtest(int(wins), int(wins + losses)).pvalue) if wins + losses else 1.0
+
+
+def examples_interval(y: np.ndarray, runs: int, level: float = 0.95) -> list[float]:
+    """Interval of the mean of per-example correctness ``y`` (averaged over ``runs`` seeds): Wilson for one run or
+    when every example agrees (a t interval would have width 0), else t over the examples."""
+    mean, low, high, n = t_interval(y, level)
+    if runs == 1 or not high > low:
+        return list(wilson(round(mean * n), n, level))
+    return [low, high]
+
+
+def paired_examples(ya: np.ndarray, yb: np.ndarray, level: float = 0.95) -> dict[str, Any]:
+    """``ya - yb`` per example: mean with its t interval over examples, and the sign test of the examples where the
+    two differ (``a_better`` / ``b_better``)."""
+    diff = np.asarray(ya, dtype=float) - np.asarray(yb, dtype=float)
+    mean, low, high, n = t_interval(diff, level)
+    wins, losses = int((diff > 0).sum()), int((diff < 0).sum())
+    return {"diff": mean, "t95": [low, high], "n": n, "a_better": wins, "b_better": losses,
+            "sign_test_p": sign_test(wins, losses)}
