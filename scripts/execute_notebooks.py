@@ -2,9 +2,10 @@
 
     python scripts/execute_notebooks.py [notebooks/ablation.ipynb notebooks/routing_analysis.ipynb] [--timeout 600]
 
-The notebooks read the committed results folder ``MOELORA_RESULTS`` (default ``experiments/results``: the
-``ablation_*`` files written by ``scripts/run_ablation.py``), relative to the repository root; set it to point
-at another ablation. Each notebook runs with its own folder as the working directory.
+The notebooks read the committed results folder ``MOELORA_RESULTS`` (default
+``experiments/studies/cpu_ablation/results``: the ``ablation_*`` files written by
+``experiments/studies/cpu_ablation/driver.py``), relative to the repository root; set it to point at another ablation.
+Each notebook runs with its own folder as the working directory.
 """
 
 from __future__ import annotations

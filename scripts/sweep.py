@@ -1,7 +1,8 @@
-"""Run any set of experiment configs x seeds, one ``python -m moelora_lit fit`` per pair, skipping finished runs.
+"""Run any set of experiment configs x seeds, one ``python -m moelora_lit fit`` per pair, skipping finished runs
+(a command line over :mod:`moelora_lit.analysis.runner`, the runner the studies use).
 
     python scripts/sweep.py --configs experiments/llama7b_math_moelora*.yaml experiments/llama7b_math_lora*.yaml \\
-        --seeds 0 1 2 [--out runs/sweep] [--print] [-- extra CLI overrides, e.g. --model.base_model /models/llama]
+        --seeds 0 1 2 [--out runs/sweep] [--jobs 2 --threads 1] [--print] [-- extra CLI overrides]
 
 Run ``<out>/<config stem>/seed<S>`` gets ``--seed_everything S --data.seed S --trainer.default_root_dir`` that folder
 and a ``run.json`` (method = config stem, seed, command) that ``python -m moelora_lit report`` reads. A run is
@@ -20,7 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from moelora_lit.analysis.runs import find_log_dir, run_all, run_dir  # noqa: E402
+from moelora_lit.analysis import runner  # noqa: E402
+from moelora_lit.analysis.logs import find_log_dir  # noqa: E402
+from moelora_lit.analysis.runs import run_dir  # noqa: E402
 from moelora_lit.eval.report import Run  # noqa: E402
 
 SCRIPT = Path(__file__).resolve()
@@ -36,10 +39,7 @@ def plan(configs: list[str], seeds: list[int]) -> list[Run]:
 
 def fit_command(run: Run, folder: Path, extra: list[str]) -> list[str]:
     """The ``fit`` command of one run (resuming from its ``last.ckpt`` when an earlier attempt left one)."""
-    cmd = [sys.executable, "-m", "moelora_lit", "fit", "--config", str(run.config), "--seed_everything",
-           str(run.seed), "--data.seed", str(run.seed), "--trainer.default_root_dir", str(folder)]
-    last = sorted(folder.rglob("last.ckpt"), key=lambda p: p.stat().st_mtime)
-    return cmd + (["--ckpt_path", str(last[-1])] if last else []) + extra
+    return runner.fit_command([run.config], folder, run.seed, extra)
 
 
 def job_command(run: Run, out: str, extra: list[str]) -> str:
@@ -54,6 +54,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--out", default="runs/sweep", help="runs go to <out>/<config stem>/seed<S>")
     parser.add_argument("--print", action="store_true", help="print one command per unfinished run; run nothing")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at the same time")
+    parser.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS of each run")
     args, extra = parser.parse_known_args(argv)
     extra = [a for a in extra if a != "--"]
     try:
@@ -67,11 +69,13 @@ def main(argv: list[str] | None = None) -> int:
             print(job_command(run, args.out, extra))
         return 0
     print(f"sweep: {len(runs)} runs, {len(runs) - len(todo)} finished, {len(todo)} to run", file=sys.stderr)
-    def meta(run: Run, cmd: list[str]) -> dict:
-        return {"method": run.method, "seed": run.seed, "config": str(run.config), "command": shlex.join(cmd)}
-
-    failed = run_all(todo, args.out, lambda run, folder: fit_command(run, folder, extra), meta, log_name="fit.log",
-                     meta_name="run.json", stream=sys.stderr)
+    jobs = []
+    for run in todo:
+        folder = run_dir(Path(args.out).resolve(), run)
+        jobs.append(runner.Job(f"{run.method} seed {run.seed}", folder, fit_command(run, folder, extra),
+                               log_name="fit.log", meta={"method": run.method, "seed": run.seed,
+                                                         "config": str(run.config)}))
+    failed = runner.run_jobs(jobs, jobs=args.jobs, threads=args.threads, stream=sys.stderr)
     print(f"done; table: python -m moelora_lit report {args.out}", file=sys.stderr)
     return 1 if failed else 0
 

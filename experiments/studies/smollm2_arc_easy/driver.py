@@ -1,9 +1,9 @@
 """Summarise the SmolLM2 ARC-Easy runs: accuracy with a Wilson 95% interval, paired differences against
-zero-shot (exact McNemar on the discordant rows), seconds per step, and routing statistics.
+zero-shot (exact McNemar on the discordant rows), seconds per step, and routing statistics (see README.md).
 
-    python scripts/smollm2_results.py --run zero_shot=runs/smollm2_arc_easy_zeroshot \
+    python experiments/studies/smollm2_arc_easy/driver.py --run zero_shot=runs/smollm2_arc_easy_zeroshot \
         --run lora=runs/smollm2_arc_easy_lora --run moelora=runs/smollm2_arc_easy \
-        --out experiments/results/smollm2_arc_easy.json
+        --out experiments/studies/smollm2_arc_easy/results/arc_easy.json
 
 Each run folder is a ``default_root_dir``; its latest ``lightning_logs/version_*`` holding ``predictions.jsonl``
 is read. Rows are paired by their position in the test file and their prompt text.
@@ -14,48 +14,26 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[3]))  # run from a checkout without installing
 
-def wilson(correct: int, n: int, z: float = 1.959964) -> tuple[float, float]:
-    """Wilson score interval of a binomial proportion."""
-    if n == 0:
-        return 0.0, 1.0
-    p = correct / n
-    centre = (p + z * z / (2 * n)) / (1 + z * z / n)
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
-    return centre - half, centre + half
-
-
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value: ``b`` rows only the method got right, ``c`` only the reference."""
-    n = b + c
-    if n == 0:
-        return 1.0
-    tail = sum(math.comb(n, k) for k in range(0, min(b, c) + 1)) / 2**n
-    return min(1.0, 2 * tail)
+from moelora_lit.analysis.logs import layer_mean_trend, newest, read_scalars, seconds_per_step  # noqa: E402
+from moelora_lit.analysis.runner import portable  # noqa: E402
+from moelora_lit.analysis.stats import sign_test, wilson  # noqa: E402
 
 
 def latest_version(root: Path) -> Path:
-    versions = sorted((p for p in root.glob("lightning_logs/version_*") if (p / "predictions.jsonl").is_file()),
-                      key=lambda p: int(p.name.split("_")[1]))
-    if not versions:
+    path = newest(root, "predictions.jsonl")
+    if path is None:
         raise FileNotFoundError(f"{root}: no lightning_logs/version_*/predictions.jsonl")
-    return versions[-1]
+    return path.parent
 
 
 def step_seconds(version: Path) -> float | None:
-    """Median wall seconds between consecutive ``train/loss`` events (TensorBoard wall times)."""
-    try:
-        from tbparse import SummaryReader
-    except ImportError:
-        return None
-    frame = SummaryReader(str(version), extra_columns={"wall_time"}).scalars
-    loss = frame[frame.tag == "train/loss"].sort_values("step")
-    if len(loss) < 2:
-        return None
-    gaps = (loss.wall_time.diff() / loss.step.diff()).dropna().sort_values().tolist()
-    return round(gaps[len(gaps) // 2], 1)
+    seconds = seconds_per_step(read_scalars(version))
+    return None if seconds is None else round(seconds, 1)
 
 
 def routing_summary(version: Path) -> dict | None:
@@ -87,20 +65,9 @@ def routing_summary(version: Path) -> dict | None:
 
 def train_routing(version: Path) -> dict | None:
     """``routing/entropy`` and ``routing/load_cv`` averaged over layers at the first and last logged step."""
-    try:
-        from tbparse import SummaryReader
-    except ImportError:
-        return None
-    frame = SummaryReader(str(version)).scalars
-    out = {}
-    for stat in ("entropy", "load_cv"):
-        part = frame[frame.tag.str.startswith(f"routing/{stat}/")]
-        if part.empty:
-            return None
-        by_step = part.groupby("step").value.mean()
-        out[stat] = {"first_step": int(by_step.index[0]), "first": round(float(by_step.iloc[0]), 4),
-                     "last_step": int(by_step.index[-1]), "last": round(float(by_step.iloc[-1]), 4)}
-    return out
+    scalars = read_scalars(version)
+    out = {stat: layer_mean_trend(scalars, f"routing/{stat}/") for stat in ("entropy", "load_cv")}
+    return None if None in out.values() else out
 
 
 def main() -> None:
@@ -123,7 +90,8 @@ def main() -> None:
         correct, n = sum(rows[name].values()), len(rows[name])
         low, high = wilson(correct, n)
         answered = sum(p["extracted"] is not None for p in preds)
-        report["methods"][name] = {"run": str(version), "correct": correct, "n": n, "accuracy": round(correct / n, 4),
+        report["methods"][name] = {"run": portable(str(version)), "correct": correct, "n": n,
+                                   "accuracy": round(correct / n, 4),
                                    "wilson95": [round(low, 4), round(high, 4)], "answered": answered,
                                    "seconds_per_step": step_seconds(version), "routing_test": routing_summary(version),
                                    "routing_train": train_routing(version) if routing_summary(version) else None}
@@ -139,7 +107,7 @@ def main() -> None:
             report.setdefault("paired", []).append({
                 "method": name, "vs": other, "n": len(shared), "only_method": b, "only_reference": c,
                 "difference": round(diff, 4), "wald95": [round(diff - 1.96 * se, 4), round(diff + 1.96 * se, 4)],
-                "mcnemar_exact_p": float(f"{mcnemar_exact(b, c):.3g}")})
+                "mcnemar_exact_p": float(f"{sign_test(b, c):.3g}")})
     for item in args.heldout:  # selection data: accuracy on held-out training rows, never the test rows
         name, folder = item.split("=", 1)
         results = json.loads((latest_version(Path(folder)) / "test_results.json").read_text())

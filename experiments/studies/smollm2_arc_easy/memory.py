@@ -1,6 +1,6 @@
 """Base-model memory and MoELoRA step time of SmolLM2-135M-Instruct: float32 vs bf16 vs nf4 (vs int8).
 
-    python scripts/smollm2_memory.py --out experiments/results/smollm2_memory.json
+    python experiments/studies/smollm2_arc_easy/memory.py --out experiments/studies/smollm2_arc_easy/results/memory.json
 
 Memory is the frozen base's parameters and buffers (:func:`moelora_lit.models.quantization.base_memory_bytes`; adapters
 excluded), measured, not estimated. Step time: forward + backward + AdamW on a real-text batch with MoELoRA
@@ -68,7 +68,7 @@ def main() -> None:
         rows.append(measure(variant, args.batch, args.length, args.steps))
         print(json.dumps(rows[-1]), flush=True)
     report = {"rows": rows, "threads": torch.get_num_threads(), "load_average": os.getloadavg(),
-              "command": "python scripts/smollm2_memory.py " + " ".join(
+              "command": "python experiments/studies/smollm2_arc_easy/memory.py " + " ".join(
                   f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(args).items()
                   if v is not None)}
     if args.out:
