@@ -8,10 +8,11 @@ everything a training step leaves behind (an :class:`AuxSlot`):
 - what a training forward records (:meth:`AuxGroup.record`): the inputs of its contrastive, balance and z terms;
 - the terms themselves and the anchors waiting for the queue push, computed by :meth:`AuxGroup.flush` for every
   waiting layer at once (all contrastive terms as one autograd node, the balance and z terms stacked);
-- the batched queue push (:func:`push_pending_together`, :func:`push_into`).
+- the anchors waiting for the queue push, which :class:`moelora_lit.adapters.MoELoRAAdapters` takes
+  (:meth:`AuxGroup.take_pending`) and pushes through :mod:`moelora_lit.queues`.
 
-What triggers the flush: the first read of any waiting layer's ``aux_losses`` or ``pending`` (or a write of
-``pending``), that layer's next forward, or a push. A layer only records into its group and reads through it.
+What triggers the flush: the first read of any waiting layer's ``aux_losses`` or ``pending``, that layer's next
+forward, or a push. A layer only records into its group and reads through it.
 
 The values equal layer-by-layer computation: bit for bit for the contrastive term and the queues, to float rounding
 for the balance and z terms (a reduction over a stacked tensor). Deferring changes no value: the queues do not
@@ -27,27 +28,16 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from moelora_lit import kernels
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.losses import (
-    compiled_push_queue,
-    cv2_balance_loss,
-    expert_contrastive_losses,
-    push_queue,
-    switch_balance_loss,
-    z_loss,
-)
-
-Entries = tuple[Tensor, Tensor, Tensor]  # (anchors (A, s), experts (A,), weights (A,)) waiting for a queue push
+from moelora_lit.losses import cv2_balance_loss, expert_contrastive_losses, switch_balance_loss, z_loss
+from moelora_lit.queues import Entries
 
 
 class AuxLayer(Protocol):
     """What the group reads of a layer (:class:`moelora_lit.layer.MoELoRALinear`): its settings and queue."""
 
     config: MoELoRAConfig
-    aux_group: AuxGroup
     contrastive_queue: Tensor            # (N, Q, s)
-    contrastive_queue_ptr: Tensor        # (N,)
     contrastive_queue_count: Tensor      # (N,)
 
 
@@ -91,6 +81,15 @@ class AuxGroup:
         if contrastive is not None or routing is not None:
             slot.recorded = (contrastive, routing)
             self.waiting.append(layer)
+
+    def take_pending(self, layers: list[AuxLayer]) -> list[Entries | None]:
+        """Each layer's anchors waiting for the queue push (flushed first), cleared from its slot."""
+        taken = []
+        for layer in layers:
+            slot = self.slot(layer)
+            taken.append(slot.pending)
+            slot.pending = None
+        return taken
 
     def flush(self) -> None:
         """Compute every waiting layer's terms into its slot (and its anchors into ``pending``).
@@ -142,41 +141,3 @@ def _routing_terms(members: list[tuple[AuxSlot, MoELoRAConfig, tuple]]) -> None:
     for key, values in terms.items():
         for (slot, _, _), value in zip(members, values.unbind(0), strict=True):
             slot.losses[key] = value
-
-
-@torch.no_grad()
-def push_pending_together(layers: list[AuxLayer]) -> None:
-    """Push every layer's pending anchors, with one push for all layers of the same shapes and kernel setting.
-
-    The same values as pushing layer by layer (the layers are a leading dimension of :func:`push_queue`), for one
-    kernel call per step instead of one per layer.
-    """
-    groups: dict[tuple, list[tuple[AuxLayer, Entries]]] = {}
-    for layer in layers:
-        slot = layer.aux_group.slot(layer)
-        if slot.pending is not None:
-            entries, slot.pending = slot.pending, None
-            queue = layer.contrastive_queue
-            key = (queue.shape, queue.dtype, queue.device, entries[0].shape, entries[0].dtype,
-                   layer.config.contrastive_kernel)
-            groups.setdefault(key, []).append((layer, entries))
-    for members in groups.values():
-        push_into([layer for layer, _ in members], [entries for _, entries in members])
-
-
-def push_into(layers: list[AuxLayer], entries: list[Entries]) -> None:
-    """Push ``entries[i]`` into ``layers[i]``'s queue buffers, in place (same queue shapes, entry counts and kernel
-    setting); in place, so DDP's buffer broadcast and the optimizer-free checkpoint both see the new queue."""
-    state = [[getattr(layer, f"contrastive_queue{part}") for layer in layers] for part in ("", "_ptr", "_count")]
-    if len(layers) == 1:
-        args = (*(buffers[0] for buffers in state), *entries[0])
-    else:
-        parts = zip(*entries, strict=True)                              # anchors, experts, weights
-        args = (*(torch.stack(buffers) for buffers in state), *(torch.cat(part) for part in parts))
-    pushed = None
-    kernel = layers[0].config.contrastive_kernel
-    if args[3].shape[0] > 0 and kernels.COMPILED.applies(kernel, compiled_push_queue, args[0]):
-        pushed = kernels.COMPILED.run(compiled_push_queue, *args, dynamic=(3, 4, 5))  # ~15 small ops -> one kernel
-    pushed = push_queue(*args) if pushed is None else pushed
-    for buffers, new in zip(state, pushed, strict=True):
-        torch._foreach_copy_(buffers, list(new.unbind(0)) if len(layers) > 1 else [new])

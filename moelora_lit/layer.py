@@ -8,8 +8,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from moelora_lit.aux import AuxGroup, Entries, push_into
+from moelora_lit.aux import AuxGroup
 from moelora_lit.config import MoELoRAConfig
+from moelora_lit.queues import QUEUE_BUFFERS, Entries, push_grouped, register_queue
 
 
 def base_features(base_layer: nn.Module) -> tuple[int, int]:
@@ -71,16 +72,15 @@ class MoELoRALinear(nn.Module):
         aux_losses: unweighted auxiliary terms of the latest training forward (empty otherwise).
         pending: the latest training forward's anchors, not yet pushed into the queue.
         eval_seed: seed of the ``random`` router in eval mode (set per layer by ``inject_moelora``).
-        aux_group: the :class:`moelora_lit.aux.AuxGroup` that owns this layer's auxiliary state (shared by a
-            model's layers after ``inject_moelora``; a group of its own otherwise). Set it before the first
-            training forward.
+        aux_group: the :class:`moelora_lit.aux.AuxGroup` that holds this layer's auxiliary state (the model's
+            :class:`~moelora_lit.adapters.MoELoRAAdapters` gives all its layers one; a group of its own otherwise).
 
     A training forward only records the inputs of its auxiliary terms in :attr:`aux_group`. They are computed, for
     every waiting layer of the group at once, when :attr:`aux_losses` or :attr:`pending` is first read (or the
     layer runs again, or its queue is pushed). Queue updates (docs/design.md §1.3) are deferred too: the forward's
-    anchors, scored against the queue, are kept as :attr:`pending`; :meth:`push_pending` writes them (the
-    Lightning module pushes every layer after each backward, gathering all ranks' anchors under DDP; otherwise the
-    next training forward does). A forward that gradient checkpointing recomputes inside backward therefore sees
+    anchors, scored against the queue, are kept as :attr:`pending`; the model's owner pushes every layer's after
+    each backward (``push_queues``, gathering all ranks' anchors under DDP); anchors nobody pushed are pushed by the
+    next training forward. A forward that gradient checkpointing recomputes inside backward therefore sees
     the same queue, and records and pushes nothing (its terms were already used).
 
     The ``random`` router draws fresh gates from the global RNG in training; in eval mode it re-seeds a
@@ -90,7 +90,7 @@ class MoELoRALinear(nn.Module):
     # What an adapter file and a checkpoint hold (docs/design.md §9), asked by :mod:`moelora_lit.adapter_io`:
     # the trainable submodules' tensors, and the contrastive queue buffers (checkpoints only, never adapter files).
     adapter_module_names: tuple[str, ...] = ("lora_A", "lora_B", "router", "router_noise")
-    queue_tensor_names: tuple[str, ...] = ("contrastive_queue", "contrastive_queue_ptr", "contrastive_queue_count")
+    queue_tensor_names: tuple[str, ...] = QUEUE_BUFFERS
 
     def __init__(self, base_layer: nn.Module, config: MoELoRAConfig) -> None:
         super().__init__()
@@ -109,10 +109,7 @@ class MoELoRALinear(nn.Module):
             self.router_noise = nn.Linear(self.in_features, n, bias=False, device=device)
             nn.init.zeros_(self.router_noise.weight)
         self.scaling = config.scaling
-        q = config.contrastive_queue_size
-        self.register_buffer("contrastive_queue", torch.zeros(n, q, s, device=device))
-        self.register_buffer("contrastive_queue_ptr", torch.zeros(n, dtype=torch.long, device=device))
-        self.register_buffer("contrastive_queue_count", torch.zeros(n, dtype=torch.long, device=device))
+        register_queue(self, n, config.contrastive_queue_size, s, device)
         self.reset_adapter_parameters()
         self.token_mask: Tensor | None = None
         self.last_gates: Tensor | None = None
@@ -226,10 +223,9 @@ class MoELoRALinear(nn.Module):
 
         In place, so DDP's buffer broadcast and the optimizer-free checkpoint both see the new queue.
         """
-        entries = self.pending if entries is None else entries
-        self.pending = None
-        if entries is not None:
-            push_into([self], [entries])
+        taken = self.aux_group.take_pending([self])[0]
+        if entries is not None or taken is not None:
+            push_grouped([self], [taken if entries is None else entries])
 
     def extra_repr(self) -> str:
         c = self.config

@@ -7,6 +7,15 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+# Per-layer routing tags (docs/design.md §3): ``routing/<tag>/<layer>`` from the statistic ``stats()[key]``.
+LAYER_TAGS = {"entropy": "entropy", "load_cv": "cv", "max_load": "max", "min_load": "min"}
+
+
+def layer_metrics(names: list[str], stats: dict[str, Tensor], counts: list[float]) -> dict[str, float]:
+    """``routing/{entropy,load_cv,max_load,min_load}/<layer>`` for every layer that saw a token (stats on the host)."""
+    return {f"routing/{tag}/{name}": float(stats[key][row])
+            for row, name in enumerate(names) if counts[row] > 0 for tag, key in LAYER_TAGS.items()}
+
 
 def gate_entropy(gates: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """Sum over real tokens of the gate entropy ``-sum_i g log g`` (0 log 0 = 0), and the real-token count.

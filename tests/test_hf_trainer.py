@@ -109,8 +109,8 @@ def test_resume_restores_adapter_and_queues(tmp_path):
 
 def test_accumulation_pushes_each_micro_batch_once(tmp_path, monkeypatch):
     calls = []
-    push = integration.push_queues
-    monkeypatch.setattr(integration, "push_queues", lambda model, **kw: (calls.append(1), push(model, **kw)))
+    push = integration.after_backward
+    monkeypatch.setattr(integration, "after_backward", lambda model, **kw: (calls.append(1), push(model, **kw)))
     model = injected_llama(contrastive_queue_size=4096)   # large enough that nothing is overwritten
     rows = token_rows(8)
     trainer = MoELoRATrainer(model=model, args=training_args(tmp_path, max_steps=2, gradient_accumulation_steps=2),

@@ -21,6 +21,7 @@ from moelora_lit import (
     save_adapter,
     set_token_mask,
 )
+from moelora_lit.adapters import adapters_of
 from moelora_lit.aux import AuxGroup
 
 ROUTERS = ["topk", "dense", "noisy", "random"]
@@ -243,7 +244,7 @@ def test_load_adapter_into_an_uninjected_model_injects_it(saved):
     fresh = tiny_llama()
     load_adapter(fresh, path)
     assert [n for n, _ in moelora_layers(fresh)] == [n for n, _ in moelora_layers(model)]
-    assert fresh.moelora_config == config
+    assert adapters_of(fresh).config == config
     assert trainable_names(fresh) == trainable_names(model)
     batch = token_batch(seed=3)
     assert torch.equal(logits(fresh.eval(), batch), logits(model, batch))
@@ -390,3 +391,32 @@ def test_terms_first_read_under_no_grad_keep_their_gradient():
         (aux["contrastive"] + aux["balance"]).backward()
         push_queues(model)
     assert all(layer.lora_A.weight.grad.abs().sum() > 0 for _, layer in moelora_layers(model))
+
+
+def test_no_step_walks_the_model_after_the_first(monkeypatch):
+    """set_token_mask, collect_aux_losses and push_queues ask the model's one owner for its layers: after the first
+    step none of them calls the model's named_modules() or modules()."""
+    config = adapter_config(contrastive_weight=0.5, contrastive_queue_size=8, balance_weight=0.3, z_loss_weight=0.2)
+    model = tiny_llama()
+    inject_moelora(model.train(), config)
+    calls = []
+    for name in ("named_modules", "modules"):
+        original = getattr(torch.nn.Module, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            calls.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.Module, name, counted)
+    for step in range(3):
+        batch = token_batch(seed=step, pad=3)
+        set_token_mask(model, batch["attention_mask"])
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        before = len(calls)
+        set_token_mask(model, batch["attention_mask"])
+        aux = collect_aux_losses(model)
+        (out.logits.float().square().mean() + sum(aux.values())).backward()
+        push_queues(model)
+        if step > 0:
+            assert calls[before:] == [], f"step {step} walked the model: {calls[before:]}"
+    assert adapters_of(model).layers[0].contrastive_queue_count.sum() > 0

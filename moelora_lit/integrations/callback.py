@@ -15,9 +15,9 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from moelora_lit.adapter_io import ADAPTER_WEIGHTS, adapter_state_dict, is_queue_tensor, save_adapter
 from moelora_lit.inject import check_checkpointing, moelora_layers
-from moelora_lit.routing_stats import RoutingAccumulator
+from moelora_lit.routing_stats import RoutingAccumulator, layer_metrics
+from moelora_lit.training_step import LOSS_TERMS
 
-LOSS_TERMS = ("task_loss", "contrastive_loss", "balance_loss", "z_loss")
 QUEUES_FILE = "moelora_queues.safetensors"
 
 
@@ -106,12 +106,7 @@ class MoELoRACallback(TrainerCallback):
             self._routing.load(packed[len(LOSS_TERMS):].view_as(self._routing.packed))
             stats = {k: v.cpu() for k, v in self._routing.stats().items()}
             counts = self._routing.count.tolist()
-            for row, name in enumerate(self._names):
-                if counts[row] > 0:
-                    metrics |= {f"routing/entropy/{name}": float(stats["entropy"][row]),
-                                f"routing/load_cv/{name}": float(stats["cv"][row]),
-                                f"routing/max_load/{name}": float(stats["max"][row]),
-                                f"routing/min_load/{name}": float(stats["min"][row])}
+            metrics |= layer_metrics(self._names, stats, counts)
             self._routing.reset()
         self._losses, self._steps = None, 0
         return metrics

@@ -14,9 +14,11 @@ from safetensors.torch import load_file
 from torch import Tensor, nn
 from transformers.trainer import TRAINING_ARGS_NAME
 
-from moelora_lit.adapter_io import load_adapter, save_adapter
-from moelora_lit.inject import collect_aux_losses, moelora_layers, push_queues, set_token_mask
+from moelora_lit.adapter_io import adapter_state_dict, load_adapter, load_adapter_state_dict, save_adapter
+from moelora_lit.adapters import adapters_of
+from moelora_lit.inject import set_token_mask
 from moelora_lit.integrations.callback import QUEUES_FILE, MoELoRACallback
+from moelora_lit.training_step import after_backward, step_loss
 
 
 def all_gather_stack(tensor: Tensor) -> Tensor:
@@ -28,7 +30,7 @@ def all_gather_stack(tensor: Tensor) -> Tensor:
 
 def check_moelora_model(model: nn.Module) -> None:
     """Refuse a model without MoELoRA layers (it would train nothing, or the whole base)."""
-    if next(moelora_layers(model), None) is None:
+    if adapters_of(model) is None:
         raise ValueError(f"{type(model).__name__} has no MoELoRA layers: call "
                          "moelora_lit.inject_moelora(model, MoELoRAConfig(...)) before building the trainer")
 
@@ -94,14 +96,13 @@ class MoELoRATrainerMixin:
             set_token_mask(core, None)
             return result
         task = result[0] if return_outputs else result
-        aux = collect_aux_losses(core)
         steps = max(int(getattr(self, "current_gradient_accumulation_steps", 1)), 1)
         scaled = self._loss_scaled_for_ga(num_items_in_batch)
-        loss = task + (aux["contrastive"] + aux["balance"] + aux["z"]) / (steps if scaled else 1)
-        self.moelora_callback.record({"task_loss": task if scaled else task / steps,
-                                      "contrastive_loss": aux["contrastive"] / steps,
-                                      "balance_loss": aux["balance"] / steps, "z_loss": aux["z"] / steps})
-        return (loss, *result[1:]) if return_outputs else loss
+        terms = step_loss(core, task, aux_divisor=steps if scaled else 1)
+        # What each term adds to the optimizer step: the task loss already normalised, or divided by the Trainer.
+        self.moelora_callback.record({k: v if k == "task_loss" and scaled else v / steps
+                                      for k, v in terms.items() if k != "loss"})
+        return (terms["loss"], *result[1:]) if return_outputs else terms["loss"]
 
     def training_step(self, model: nn.Module, inputs: dict[str, Any],
                       num_items_in_batch: Tensor | int | None = None) -> Tensor:
@@ -110,9 +111,8 @@ class MoELoRATrainerMixin:
         pushes all ranks' anchors in rank order, so the queues stay identical everywhere."""
         loss = super().training_step(model, inputs, num_items_in_batch)
         core = self.model
-        if core.moelora_config.contrastive_weight > 0:
-            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-            push_queues(core, all_gather=all_gather_stack if distributed else None)
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        after_backward(core, all_gather=all_gather_stack if distributed else None)
         set_token_mask(core, None)
         return loss
 
@@ -138,14 +138,9 @@ class MoELoRATrainerMixin:
         model = self.model if model is None else model
         load_adapter(model, resume_from_checkpoint)
         queues_file = os.path.join(resume_from_checkpoint, QUEUES_FILE)
-        if os.path.isfile(queues_file):
-            buffers = dict(model.named_buffers())
-            with torch.no_grad():
-                for name, tensor in load_file(queues_file).items():
-                    if name not in buffers or buffers[name].shape != tensor.shape:
-                        raise ValueError(f"{queues_file}: queue {name} does not fit this model "
-                                         "(was it saved with the same base, target_modules and queue size?)")
-                    buffers[name].copy_(tensor)
+        if os.path.isfile(queues_file):  # the queues, checked and restored as a checkpoint's are
+            state = {**adapter_state_dict(model), **load_file(queues_file)}
+            load_adapter_state_dict(model, state, source=queues_file)
 
     def _load_best_model(self) -> None:
         self._load_from_checkpoint(self.state.best_model_checkpoint)

@@ -23,7 +23,7 @@ from moelora_lit.adapter_io import (
 from moelora_lit.config import MoELoRAConfig
 from moelora_lit.data.batching import eval_column
 from moelora_lit.eval.answers import PROTOCOLS
-from moelora_lit.inject import collect_aux_losses, inject_moelora, matches, push_queues, set_token_mask
+from moelora_lit.inject import inject_moelora, matches, set_token_mask
 from moelora_lit.lightning import evaluation
 from moelora_lit.lightning.generation import generate_texts
 from moelora_lit.lightning.sharding import checkpoint_state_dict, full_adapter_tensors, shard_model
@@ -36,6 +36,7 @@ from moelora_lit.models.loading import (
     resolve_base,
 )
 from moelora_lit.models.quantization import check_quantization
+from moelora_lit.training_step import after_backward, step_loss
 
 
 def _default_optimizer(params) -> torch.optim.Optimizer:
@@ -174,10 +175,7 @@ class MoELoRAModule(L.LightningModule):
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """``L = L_task + w_cl sum L_cl + w_bal sum L_bal + w_z sum L_z`` (docs/design.md §1.5)."""
         out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
-        aux = collect_aux_losses(self.model)
-        loss = out.loss + aux["contrastive"] + aux["balance"] + aux["z"]
-        return {"loss": loss, "task_loss": out.loss, "contrastive_loss": aux["contrastive"],
-                "balance_loss": aux["balance"], "z_loss": aux["z"]}
+        return step_loss(self.model, out.loss)  # Lightning divides the returned loss for gradient accumulation
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         losses = self.compute_losses(batch)
@@ -192,10 +190,10 @@ class MoELoRAModule(L.LightningModule):
         """Push this micro-batch's contrastive anchors into the queues (docs/design.md §1.3), after backward so that a
         forward recomputed by gradient checkpointing saw the same queue. Under DDP every rank pushes all ranks'
         anchors in rank order, so the queues stay bit-identical (and DDP's buffer broadcast changes nothing)."""
-        if self.model is None or self.adapter_config.contrastive_weight <= 0:
+        if self.model is None:
             return
         distributed = self.trainer.world_size > 1 if self._trainer is not None else False
-        push_queues(self.model, all_gather=self.all_gather if distributed else None)
+        after_backward(self.model, all_gather=self.all_gather if distributed else None)
 
     def configure_optimizers(self) -> Any:
         params = [p for p in self.parameters() if p.requires_grad]

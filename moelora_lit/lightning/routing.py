@@ -24,7 +24,7 @@ from moelora_lit.lightning.figures import (
     heatmap_image,
     tensorboard_writer,
 )
-from moelora_lit.routing_stats import RoutingAccumulator, gate_entropy, load_cv, load_shares
+from moelora_lit.routing_stats import RoutingAccumulator, gate_entropy, layer_metrics, load_cv, load_shares
 
 __all__ = ["RoutingAccumulator", "RoutingStatsCallback", "gate_entropy", "load_cv", "load_shares"]
 
@@ -147,17 +147,12 @@ class RoutingStatsCallback(L.Callback):
         if trainer.is_global_zero and trainer.loggers:
             stats = {k: v.cpu() for k, v in acc.stats().items()}             # the one host sync per interval
             counts = acc.count.tolist()
-            metrics: dict[str, float] = {}
-            for row, name in enumerate(self._names):
-                if counts[row] == 0:
-                    continue
-                metrics |= {f"routing/entropy/{name}": float(stats["entropy"][row]),
-                            f"routing/load_cv/{name}": float(stats["cv"][row]),
-                            f"routing/max_load/{name}": float(stats["max"][row]),
-                            f"routing/min_load/{name}": float(stats["min"][row])}
-                if self.log_expert_loads:
-                    shares = stats["load"][row].tolist()
-                    metrics |= {f"routing/load/{name}/expert_{i}": v for i, v in enumerate(shares)}
+            metrics = layer_metrics(self._names, stats, counts)
+            if self.log_expert_loads:
+                for row, name in enumerate(self._names):
+                    if counts[row] > 0:
+                        shares = stats["load"][row].tolist()
+                        metrics |= {f"routing/load/{name}/expert_{i}": v for i, v in enumerate(shares)}
             step = max(trainer.global_step - 1, 0)
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
