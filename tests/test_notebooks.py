@@ -1,8 +1,9 @@
 """End to end: a tiny ablation through the real driver code (5 methods, a 2-point sweep, 2 seeds, 3 steps), and
-both notebooks executed with nbclient from the committed results (``experiments/results/ablation_*``).
+both notebooks executed with nbclient from the committed results
+(``experiments/studies/cpu_ablation/results/ablation_*``).
 
 The tiny runs go through :func:`moelora_lit.analysis.run_ablation` in this process (``isolate=False``: it saves
-interpreter start-ups on a 2-core machine; ``scripts/run_ablation.py`` runs each in its own process).
+interpreter start-ups; ``experiments/studies/cpu_ablation/driver.py`` runs each in its own process).
 """
 
 from __future__ import annotations
@@ -72,4 +73,4 @@ def test_notebook_executes_from_committed_results(path, monkeypatch):
     outputs = [o for cell in nb.cells if cell.cell_type == "code" for o in cell.outputs]
     assert not [o for o in outputs if o.output_type == "error"]
     assert any("image/png" in o.get("data", {}) for o in outputs)
-    assert "experiments/results" in "".join(o.get("text", "") for o in outputs)
+    assert "experiments/studies/cpu_ablation/results" in "".join(o.get("text", "") for o in outputs)

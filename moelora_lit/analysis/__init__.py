@@ -1,13 +1,17 @@
-"""The ablation and its analysis: the logic behind ``scripts/run_ablation.py`` and ``notebooks/*.ipynb``.
+"""The studies and their analysis (``pip install moelora_lit[analysis]``: pandas, scipy, matplotlib, tbparse):
+the logic behind ``experiments/studies/*/driver.py``, ``scripts/sweep.py`` and ``notebooks/*.ipynb``. The library
+itself never imports this package.
 
-- :mod:`~moelora_lit.analysis.runs`: one ``python -m moelora_lit fit`` per (method, lr, seed), the result rows;
-- :mod:`~moelora_lit.analysis.ablation`: the validation sweep, the seeds at the chosen rates, the committed files;
-- :mod:`~moelora_lit.analysis.stats`: t intervals, paired differences and tests (numpy only);
+- :mod:`~moelora_lit.analysis.runner`: the one job runner (resumable, ``jobs`` at a time, a log file per run);
+- :mod:`~moelora_lit.analysis.study`: a study as data (arms, lr grids, seeds, evaluations) and validation selection;
+- :mod:`~moelora_lit.analysis.logs`: the one reader of run folders and TensorBoard scalars;
+- :mod:`~moelora_lit.analysis.records`: a study's committed per-example record and the tables built from it;
+- :mod:`~moelora_lit.analysis.runs` / :mod:`~moelora_lit.analysis.ablation`: the CPU ablation's grid and files;
+- :mod:`~moelora_lit.analysis.stats`: t intervals and paired tests over seeds, Wilson and sign tests over examples;
 - :mod:`~moelora_lit.analysis.routing`: specialisation against the step-0 router and a permutation null, entropy;
-- :mod:`~moelora_lit.analysis.plots`: the figures;
-- :mod:`~moelora_lit.analysis.probe`: the callback that measures per-example routing in a run (imports torch).
+- :mod:`~moelora_lit.analysis.plots`: the figures (matplotlib imported lazily).
 
-Plots import matplotlib lazily; only the probe runs torch code.
+The routing probe callback is :class:`moelora_lit.lightning.probe.RoutingProbe` (re-exported from ``.probe``).
 """
 
 from moelora_lit.analysis.ablation import RESULTS, choose, copy_routing, run_ablation
