@@ -6,7 +6,7 @@ non-finite loss in exit code 1, SIGINT / SIGTERM during fit in a checkpoint and 
 Two tools run before LightningCLI: ``python -m moelora_lit data prepare --source SRC --out DIR`` (LLM-Adapters'
 data, checksummed; :mod:`moelora_lit.data.prepare`) and ``python -m moelora_lit report RUN_DIR... [--csv FILE]``
 (:mod:`moelora_lit.eval.report`); ``python -m moelora_lit lm-eval --config X.yaml --tasks T`` runs
-lm-evaluation-harness on the built model (:mod:`moelora_lit.eval.harness`).
+lm-evaluation-harness on the built model (:mod:`moelora_lit.lightning.harness_run`).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ def _run_tool(args: list[str]) -> int | None:
 
         return prepare(args[2:])
     if args[:1] == ["lm-eval"]:
-        from moelora_lit.eval.harness import main as harness
+        from moelora_lit.lightning.harness_run import main as harness
 
         return harness(args[1:])
     if args[:1] == ["report"]:

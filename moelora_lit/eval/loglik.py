@@ -22,7 +22,13 @@ import torch
 from torch import Tensor, nn
 
 from moelora_lit.eval.choices import Requests
-from moelora_lit.inject import set_token_mask
+from moelora_lit.inject import moelora_layers, set_token_mask
+
+
+def _mark_tokens(model: nn.Module, mask: Tensor | None) -> None:
+    """MoELoRA layers: routing statistics over real tokens only; a plain model (zero-shot) has nothing to tell."""
+    if next(moelora_layers(model), None) is not None:
+        set_token_mask(model, mask)
 
 
 def encode_pair(tokenizer: Any, context: str, continuation: str, joint: bool = True) -> tuple[list[int], list[int]]:
@@ -78,11 +84,11 @@ def continuation_logliks(model: nn.Module, pairs: Sequence[tuple[list[int], list
         scored[i, keep - len(t):] = True
     input_ids, mask, target, scored = (x.to(device) for x in (input_ids, mask, target, scored))
     position_ids = (mask.cumsum(-1) - 1).clamp_min(0)                                           # (B, T)
-    set_token_mask(model, mask)  # MoELoRA layers: routing statistics over real tokens only
+    _mark_tokens(model, mask)
     try:
         logits = _scored_logits(model, input_ids, mask, position_ids, scored)                  # (S, V)
     finally:
-        set_token_mask(model, None)
+        _mark_tokens(model, None)
     logits = logits.float()
     picked = logits.gather(-1, target[scored][:, None]).squeeze(-1) - logits.logsumexp(-1)     # (S,)
     per_token = torch.zeros(scored.shape, dtype=picked.dtype, device=picked.device)             # (B, K)
@@ -139,20 +145,20 @@ def shared_context_logliks(model: nn.Module, contexts: Sequence[list[int]], opti
     owner = torch.repeat_interleave(torch.arange(len(contexts), device=device),
                                     torch.tensor(counts, device=device))                       # (S,) question
     try:
-        set_token_mask(model, ctx_mask)
+        _mark_tokens(model, ctx_mask)
         first = decoder(input_ids=ctx_ids, attention_mask=ctx_mask, position_ids=(ctx_mask.cumsum(-1) - 1).clamp_min(0),
                         use_cache=True)
         hidden = first.last_hidden_state[:, -1][owner][:, None]                                # (S, 1, H)
         if keep > 0:
             cache = first.past_key_values
             cache.batch_select_indices(owner)
-            set_token_mask(model, opt_mask)
+            _mark_tokens(model, opt_mask)
             positions = ctx_mask.sum(-1)[owner][:, None] + torch.arange(keep, device=device)    # (S, K)
             rest = decoder(input_ids=opt_ids, attention_mask=torch.cat([ctx_mask[owner], opt_mask], -1),
                            position_ids=positions, past_key_values=cache, use_cache=True).last_hidden_state
             hidden = torch.cat([hidden, rest], 1)                                               # (S, 1 + K, H)
     finally:
-        set_token_mask(model, None)
+        _mark_tokens(model, None)
     logits = head(hidden[scored].contiguous()).float()                                          # (N, V)
     cap = getattr(model.config, "final_logit_softcapping", None)
     logits = logits if cap is None else torch.tanh(logits / cap) * cap
