@@ -54,6 +54,11 @@ class MoELoRAAdapters:
         for layer in self.layers:
             layer.token_mask = mask
 
+    def set_task_groups(self, groups: Tensor | None) -> None:
+        """Each sample's task-group label (batch,) for LoRAMoE's localized balance loss (-1: no group), or None."""
+        for layer in self.layers:
+            layer.task_groups = groups
+
     def aux_losses(self, model: nn.Module) -> dict[str, Tensor]:
         """Weighted auxiliary terms of docs/design.md §1.5 from the latest forward, reduced over layers.
 
@@ -68,15 +73,34 @@ class MoELoRAAdapters:
                 and any(not terms for terms in per_layer)):
             check_checkpointing(model)  # a training forward left no terms: find out why (one module walk, once)
             self._checked_checkpointing = True
-        device = self.layers[0].lora_A.weight.device
+        device = self.layers[0].device
         out = {}
         for key in AUX_TERMS:
             terms = [terms[key] for terms in per_layer if key in terms]
             total = torch.stack(terms).sum() if terms else torch.zeros((), device=device)
             if config.aux_reduction == "mean":
-                total = total / len(self.layers)
+                total = total / max(len(terms), 1)          # over the layers that have the term (routed ones)
             out[key] = weights[key] * total
         return out
+
+    @torch.no_grad()
+    def step_end(self, all_gather: Callable[[Tensor], Tensor] | None = None) -> None:
+        """What a training step leaves for after its backward: the contrastive queue push, and FlyLoRA's rank-bias
+        update from the step's choices (summed over ranks under data parallelism, so every rank's bias agrees)."""
+        if any(layer.config.contrastive_weight > 0 for layer in self.layers):
+            self.push_queues(all_gather)
+        fly = [layer for layer in self.layers if getattr(layer, "layout", None) == "fly"]
+        if not fly:
+            return
+        taken = [layer.take_bias_counts() for layer in fly]
+        if all_gather is None and all(c is None for c in taken):
+            return
+        counts = torch.stack([torch.zeros_like(layer.rank_bias) if c is None else c.float()
+                              for layer, c in zip(fly, taken, strict=True)])                 # (L, r)
+        if all_gather is not None:
+            counts = all_gather(counts).sum(0)
+        for layer, row in zip(fly, counts, strict=True):
+            layer.update_rank_bias(row)
 
     @torch.no_grad()
     def push_queues(self, all_gather: Callable[[Tensor], Tensor] | None = None) -> None:
@@ -87,10 +111,13 @@ class MoELoRAAdapters:
                 ranks. All ranks' anchors are then pushed, in rank order, on every rank, so the queues stay
                 identical everywhere (MoCo across devices). Every rank must call it at the same time.
         """
-        entries = self.aux.take_pending(self.layers)
+        layers = [layer for layer in self.layers if layer.config.contrastive_weight > 0]
+        if not layers:
+            return
+        entries = self.aux.take_pending(layers)
         if all_gather is not None:
-            entries = gather_entries(self.layers, entries, all_gather)
-        push_grouped(self.layers, entries)
+            entries = gather_entries(layers, entries, all_gather)
+        push_grouped(layers, entries)
 
     # ----------------------------------------------------------------------------------- state
     def state_dict(self, include_queues: bool = False) -> dict[str, Tensor]:

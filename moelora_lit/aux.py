@@ -29,7 +29,13 @@ import torch
 from torch import Tensor
 
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.losses import cv2_balance_loss, expert_contrastive_losses, switch_balance_loss, z_loss
+from moelora_lit.losses import (
+    cv2_balance_loss,
+    expert_contrastive_losses,
+    localized_balance_loss,
+    switch_balance_loss,
+    z_loss,
+)
 from moelora_lit.queues import Entries
 
 
@@ -122,7 +128,8 @@ class AuxGroup:
         for slot, layer, (_, routing) in zip(slots, layers, inputs, strict=True):
             if routing is not None:
                 gates, c = routing[0], layer.config
-                key = (gates.shape, gates.dtype, gates.device, c.balance_weight, c.balance_loss, c.z_loss_weight)
+                key = (gates.shape, gates.dtype, gates.device, c.balance_weight, c.balance_loss, c.z_loss_weight,
+                       c.localized_delta)
                 same_shape.setdefault(key, []).append((slot, c, routing))
         for members in same_shape.values():
             _routing_terms(members)
@@ -131,11 +138,17 @@ class AuxGroup:
 def _routing_terms(members: list[tuple[AuxSlot, MoELoRAConfig, tuple]]) -> None:
     """Balance and z terms of layers with the same gate shape and settings, as one stacked computation."""
     c = members[0][1]
-    gates, logits, weight = (torch.stack(parts) for parts in zip(*(routing for *_, routing in members), strict=True))
+    groups = members[0][2][3]                                                            # (B,) or None
+    gates, logits, weight = (torch.stack(parts) for parts in
+                             zip(*(routing[:3] for *_, routing in members), strict=True))
     terms = {}
     if c.balance_weight > 0:
-        terms["balance"] = (cv2_balance_loss(gates, weight) if c.balance_loss == "cv2"
-                            else switch_balance_loss(gates, logits, weight))            # (L,)
+        if c.balance_loss == "cv2":
+            terms["balance"] = cv2_balance_loss(gates, weight)                          # (L,)
+        elif c.balance_loss == "localized":
+            terms["balance"] = localized_balance_loss(gates, weight, groups, c.localized_delta)
+        else:
+            terms["balance"] = switch_balance_loss(gates, logits, weight, per_slot=c.balance_loss == "switch")
     if c.z_loss_weight > 0:
         terms["z"] = z_loss(logits, weight)                                              # (L,)
     for key, values in terms.items():

@@ -222,15 +222,17 @@ def cv2_balance_loss(gates: Tensor, token_weight: Tensor) -> Tensor:
     return var / (mean**2 + 1e-10)
 
 
-def switch_balance_loss(gates: Tensor, logits: Tensor, token_weight: Tensor) -> Tensor:
+def switch_balance_loss(gates: Tensor, logits: Tensor, token_weight: Tensor, per_slot: bool = True) -> Tensor:
     """Switch-Transformer balance loss ``N * sum_i f_i * P_i`` (docs/design.md §1.4).
 
-    ``f_i``: share of routed (token, slot) pairs sent to expert i; ``P_i``: mean full-softmax
-    router probability of expert i over real tokens. Leading dimensions (layers) give one value each.
+    ``f_i``: share of routed (token, slot) pairs sent to expert i (``per_slot``, summing to 1), or share of tokens
+    that route to expert i (summing to k: MixLoRA's form, ``balance_loss="switch_topk"``); ``P_i``: mean
+    full-softmax router probability of expert i over real tokens. Leading dimensions (layers) give one value each.
     """
     num_experts = gates.shape[-1]
     routed = (gates > 0).to(token_weight.dtype) * token_weight[..., None]                 # (..., T, N)
-    f = routed.sum(-2) / routed.sum((-2, -1)).clamp_min(1.0)[..., None]
+    total = routed.sum((-2, -1)) if per_slot else token_weight.sum(-1)
+    f = routed.sum(-2) / total.clamp_min(1.0)[..., None]
     probs = torch.softmax(logits.float(), dim=-1) * token_weight[..., None]
     p = probs.sum(-2) / token_weight.sum(-1).clamp_min(1.0)[..., None]
     return num_experts * (f * p).sum(-1)
@@ -240,3 +242,22 @@ def z_loss(logits: Tensor, token_weight: Tensor) -> Tensor:
     """Router z-loss: mean over real tokens of ``logsumexp(logits)^2``; leading dimensions give one value each."""
     lse = torch.logsumexp(logits.float(), dim=-1)
     return (lse.square() * token_weight).sum(-1) / token_weight.sum(-1).clamp_min(1.0)
+
+
+def localized_balance_loss(gates: Tensor, token_weight: Tensor, groups: Tensor, delta: float) -> Tensor:
+    """LoRAMoE's localized balancing constraint (docs/design.md §10): ``Var(vec(Q * I)) / (Mean(vec(Q * I))^2 +
+    1e-10)`` (unbiased variance) with ``Q_bi`` the summed gate of expert i over sample b's real tokens (padding
+    masked, unlike the reference) and ``I_bi = 1 + delta`` where expert i is in sample b's group (label 1: the first
+    N/2 experts, label 0: the last N/2), ``1 - delta`` otherwise (any other label: ``1 - delta`` everywhere).
+
+    gates (..., T, N) with T = B * S tokens in sample order, token_weight (..., T), groups (B,) long.
+    """
+    *lead, tokens, n = gates.shape
+    batch = groups.numel()
+    q = (gates.float() * token_weight[..., None]).reshape(*lead, batch, tokens // batch, n).sum(-2)   # (..., B, N)
+    first = torch.arange(n, device=gates.device) < n // 2                                            # (N,)
+    own = torch.where(groups[:, None] == 1, first, ~first) & (groups[:, None] >= 0) & (groups[:, None] <= 1)
+    scaled = (q * torch.where(own, 1.0 + delta, 1.0 - delta)).flatten(-2)                           # (..., B*N)
+    mean = scaled.mean(-1)
+    var = (scaled - mean[..., None]).square().sum(-1) / (scaled.shape[-1] - 1)
+    return var / (mean**2 + 1e-10)

@@ -33,10 +33,8 @@ def step_loss(model: nn.Module, task_loss: Tensor, aux_divisor: int = 1) -> dict
 
 
 def after_backward(model: nn.Module, all_gather: Callable[[Tensor], Tensor] | None = None) -> None:
-    """This micro-batch's contrastive anchors into the queues (docs/design.md §1.3), after backward, so that a forward
-    recomputed by gradient checkpointing saw the same queue. ``all_gather`` (under data parallelism: a local tensor
-    to the stacked ``(world, ...)`` tensors of all ranks) makes every rank push all ranks' anchors in rank order, so
-    the queues stay identical everywhere."""
-    owner = require_adapters(model, "after_backward")
-    if owner.config.contrastive_weight > 0:
-        owner.push_queues(all_gather)
+    """This micro-batch's contrastive anchors into the queues (docs/design.md §1.3) and FlyLoRA's rank-bias update,
+    after backward, so that a forward recomputed by gradient checkpointing saw the same state. ``all_gather`` (under
+    data parallelism: a local tensor to the stacked ``(world, ...)`` tensors of all ranks) makes every rank push all
+    ranks' anchors in rank order and sum all ranks' choices, so the state stays identical everywhere."""
+    require_adapters(model, "after_backward").step_end(all_gather)

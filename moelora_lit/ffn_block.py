@@ -1,0 +1,113 @@
+"""MixLoRA's FFN block (Li et al., 2024, arXiv 2404.15159; docs/design.md §10): the MLP as the expert.
+
+Expert e is the whole gated FFN with its own LoRA on the three frozen projections,
+
+    E_e(x) = (W2 + s B2e A2e) [act((W1 + s B1e A1e) x) * ((W3 + s B3e A3e) x)],
+
+and one float32 router per block (N x hidden, no bias, N(0, 0.02)) keeps the top-k experts of the block's input,
+renormalised: ``y = sum_{e in topk} g_e E_e(x)``. The frozen W1 x and W3 x are computed once per token and shared by
+its experts; W2 runs once per selected expert (the activation sits between the projections, so it cannot be
+shared). Each projection's N LoRAs are one A (N*r x in) and one B (out x N*r): a token's selected experts read
+their rows of one A-projection and reach B through a one-hot placement, so there is no Python loop over experts.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moelora_lit.config import MoELoRAConfig
+from moelora_lit.layer import base_features
+from moelora_lit.methods import FFN_PROJECTIONS
+from moelora_lit.routed import RoutedAdapter
+from moelora_lit.routers import route
+
+
+def is_ffn_block(module: nn.Module) -> bool:
+    """Whether ``module`` is a gated MLP that placement ``ffn_block`` accepts (gate, up and down projections)."""
+    return all(isinstance(getattr(module, name, None), nn.Module) for name in FFN_PROJECTIONS) and callable(
+        getattr(module, "act_fn", None))
+
+
+class MixLoRAFFN(RoutedAdapter):
+    """A frozen gated MLP (``mlp``) whose experts are the FFN with per-expert LoRAs, routed by one block router.
+
+    Attributes:
+        mlp: the wrapped MLP (its gate, up and down projections stay frozen).
+        router: the block's router, float32.
+        lora_A, lora_B: ``ModuleDict``s by projection (``gate_proj``, ``up_proj``, ``down_proj``), each an
+            ``nn.Linear`` holding all N experts (A: N*r x in, B: out x N*r).
+    """
+
+    adapter_module_names: tuple[str, ...] = ("lora_A", "lora_B", "router")
+
+    def __init__(self, mlp: nn.Module, config: MoELoRAConfig) -> None:
+        super().__init__(config, config.expert_counts[0])
+        if not is_ffn_block(mlp):
+            raise TypeError(f"placement ffn_block needs an MLP with {', '.join(FFN_PROJECTIONS)} and act_fn "
+                            f"(Llama, Mistral, Qwen2, SmolLM2), not {type(mlp).__name__}")
+        self.mlp = mlp
+        n, r = self.num_experts, config.r
+        device = mlp.gate_proj.weight.device
+        self.hidden, self.intermediate = base_features(mlp.gate_proj)
+        self.in_features = self.hidden
+        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        shapes = {"gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
+                  "down_proj": (self.intermediate, self.hidden)}
+        self.lora_A = nn.ModuleDict({k: nn.Linear(i, n * r, bias=False, device=device) for k, (i, _) in shapes.items()})
+        self.lora_B = nn.ModuleDict({k: nn.Linear(n * r, o, bias=False, device=device) for k, (_, o) in shapes.items()})
+        self.router = nn.Linear(self.hidden, n, bias=False, device=device, dtype=torch.float32)
+        self.scaling = config.lora_alpha / r
+        self.reset_adapter_parameters()
+
+    def reset_adapter_parameters(self) -> None:
+        """A kaiming-uniform(a=sqrt(5)), B zeros (outputs equal the MLP's at init), router N(0, 0.02)."""
+        for a in self.lora_A.values():
+            nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
+        for b in self.lora_B.values():
+            nn.init.zeros_(b.weight)
+        nn.init.normal_(self.router.weight, std=0.02)
+
+    @property
+    def router_name(self) -> str:
+        return "block"
+
+    def _delta(self, projection: str, inputs: Tensor, placement: Tensor) -> Tensor:
+        """``s * B_e A_e dropout(inputs)`` of each (token, slot)'s expert: inputs (T, K, in) or (T, in) shared by
+        the slots, placement (T, K, N, 1) one-hot; returns (T, K, out)."""
+        tokens, slots = placement.shape[:2]
+        a = self.lora_A[projection](self.lora_dropout(inputs))                        # (T[, K], N*r)
+        a = a.view(tokens, -1, self.num_experts, self.config.r)                       # (T, 1 or K, N, r)
+        mixed = (a * placement).reshape(tokens * slots, -1)                           # (T*K, N*r), one expert each
+        return self.lora_B[projection](mixed).view(tokens, slots, -1) * self.scaling
+
+    def forward(self, x: Tensor) -> Tensor:
+        mlp, c, n = self.mlp, self.config, self.num_experts
+        shape, tokens = x.shape, x.numel() // self.hidden
+        x_flat = x.reshape(tokens, self.hidden)                                        # (T, H)
+        mask = self._real_tokens(tokens, x.device)
+        logits = self.router(x_flat.float())                                           # (T, N) float32
+        gates, chosen = route(logits, "topk", c.top_k, n, tokens, x_flat)             # (T, N), (T, K)
+        weights = gates.gather(1, chosen)                                              # (T, K)
+        placement = F.one_hot(chosen, n).to(self.lora_B["down_proj"].weight.dtype)[..., None]  # (T, K, N, 1)
+        adapter_x = x_flat.to(placement.dtype)
+        gate = mlp.gate_proj(x_flat)[:, None] + self._delta("gate_proj", adapter_x, placement)  # (T, K, I)
+        up = mlp.up_proj(x_flat)[:, None] + self._delta("up_proj", adapter_x, placement)        # (T, K, I)
+        hidden = mlp.act_fn(gate) * up                                                 # (T, K, I)
+        down = mlp.down_proj(hidden.to(x.dtype)) + self._delta("down_proj", hidden.to(placement.dtype), placement)
+        out = (down * weights[..., None].to(down.dtype)).sum(1)                        # (T, H)
+        self.last_gates = gates.detach()
+        self.last_token_mask = mask
+        if self._aux_enabled():
+            self._record_aux(None, gates, chosen, logits, mask)
+        else:
+            self.aux_group.record(self, None, None)
+        return out.to(x.dtype).view(shape)
+
+    def extra_repr(self) -> str:
+        c = self.config
+        return (f"hidden={self.hidden}, intermediate={self.intermediate}, experts={self.num_experts}, "
+                f"top_k={c.top_k}, r={c.r}, scaling={self.scaling:g}")
