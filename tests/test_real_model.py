@@ -202,19 +202,26 @@ ARC_EASY = Path(os.environ.get("MOELORA_LLM_ADAPTERS_DATA", Path(__file__).resol
                                / "data" / "llm-adapters")) / "ARC-Easy" / "test.json"
 
 
-@pytest.fixture(scope="module")
-def smollm2_bf16():
-    folder, name = resolve_gguf(SMOLLM2)
-    return load_base_model(folder, gguf_file=name, torch_dtype="bfloat16").eval(), load_tokenizer(folder,
-                                                                                                 gguf_file=name)
+# Per-option tolerance between the two float32 scorers (measured: 1.6e-4 nats on 200 rows; both sum the same
+# log-softmax values but batch, pad and reduce differently), and the margin it implies: a row whose two best scores
+# (summed log-probability, or per character for acc_norm) are closer than MARGIN could flip between them.
+TOLERANCE = 1e-3
+MARGIN = 2 * TOLERANCE
+
+
+def top_gap(scores: list[float]) -> float:
+    best, second = sorted(scores, reverse=True)[:2]
+    return best - second
 
 
 @pytest.mark.skipif(importlib.util.find_spec("lm_eval") is None, reason="pip install -e .[eval]")
 @pytest.mark.skipif(not ARC_EASY.is_file(), reason=f"LLM-Adapters' ARC-Easy test file (set MOELORA_LLM_ADAPTERS_DATA "
                                                     f"to the folder holding ARC-Easy/test.json): {ARC_EASY}")
-def test_loglik_agrees_with_the_harness_on_arc_easy(smollm2_bf16, tmp_path) -> None:
-    """Our batched scorer and lm-evaluation-harness's HFLM, same bf16 SmolLM2 and prompt, 200 ARC-Easy rows: the
-    same pick on >= 99% of rows and accuracies within 0.5 points."""
+def test_loglik_agrees_with_the_harness_on_arc_easy(smollm2, tmp_path) -> None:
+    """Our batched scorer and lm-evaluation-harness's HFLM, same float32 SmolLM2 and prompt, 200 ARC-Easy rows:
+    every option's log-likelihood within TOLERANCE, the same pick on every row whose two best options are MARGIN
+    apart or more (acc and acc_norm), at most 2% of rows closer than that, and accuracies that differ by at most the
+    number of those rows. In bf16 rounding decides near-ties, and a few picks differ between CPUs."""
     import lm_eval
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -223,7 +230,8 @@ def test_loglik_agrees_with_the_harness_on_arc_easy(smollm2_bf16, tmp_path) -> N
     from moelora_lit.eval.harness import write_task_yamls
     from moelora_lit.eval.loglik import picks, score_questions
 
-    model, tok = smollm2_bf16
+    model, tok = smollm2
+    assert model.dtype == torch.float32
     n = 200
     rows = json.loads(ARC_EASY.read_text())[:n]
     requests = [harness_requests(parse_question("arc_e", r["instruction"], r["answer"])) for r in rows]
@@ -234,12 +242,24 @@ def test_loglik_agrees_with_the_harness_on_arc_easy(smollm2_bf16, tmp_path) -> N
                                   task_manager=TaskManager(include_path=str(tmp_path), include_defaults=False))
     samples = sorted(out["samples"]["moelora_arc_easy"], key=lambda s: s["doc_id"])
     theirs = [[float(resp[0]) for resp in s["filtered_resps"]] for s in samples]
+    deviation = max(abs(a - b) for o, t in zip(ours, theirs, strict=True) for a, b in zip(o, t, strict=True))
+    assert deviation < TOLERANCE, deviation
+
+    near_ties, differ = [0, 0], [[], []]
+    for i, (lls, their_lls, r) in enumerate(zip(ours, theirs, requests, strict=True)):
+        per_char = [ll / max(length, 1) for ll, length in zip(lls, r.norm_lengths, strict=True)]
+        for k, (scores, a, b) in enumerate(zip((lls, per_char), picks(lls, r.norm_lengths),
+                                               picks(their_lls, r.norm_lengths), strict=True)):
+            if top_gap(scores) < MARGIN:
+                near_ties[k] += 1
+            elif a != b:
+                differ[k].append(i)
+    assert differ == [[], []], differ  # exact agreement outside the margin
+    assert max(near_ties) <= 0.02 * n, near_ties  # measured: 0 (acc) and 2 (acc_norm) of 200
+
     ours_picks = [picks(lls, r.norm_lengths) for lls, r in zip(ours, requests, strict=True)]
-    their_picks = [picks(lls, r.norm_lengths) for lls, r in zip(theirs, requests, strict=True)]
-    assert sum(a[0] == b[0] for a, b in zip(ours_picks, their_picks, strict=True)) >= 0.99 * n
-    assert sum(a[1] == b[1] for a, b in zip(ours_picks, their_picks, strict=True)) >= 0.99 * n
     correct = sum(p[0] == r.gold for p, r in zip(ours_picks, requests, strict=True))
     correct_norm = sum(p[1] == r.gold for p, r in zip(ours_picks, requests, strict=True))
-    harness = out["results"]["moelora_arc_easy"]  # 0.5 points of 200 rows: one row
-    assert abs(correct - round(harness["acc,none"] * n)) <= 0.005 * n
-    assert abs(correct_norm - round(harness["acc_norm,none"] * n)) <= 0.005 * n
+    harness = out["results"]["moelora_arc_easy"]
+    assert abs(correct - round(harness["acc,none"] * n)) <= near_ties[0]
+    assert abs(correct_norm - round(harness["acc_norm,none"] * n)) <= near_ties[1]
