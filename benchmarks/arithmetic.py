@@ -1,10 +1,5 @@
 """FLOPs of a benchmark variant: its adapter described as ``python -m moelora_lit describe`` prints it, counted by
-:mod:`moelora_lit.flops`.
-
-``describe_model`` uses the package's own describer when it has one (``moelora_lit.describe.describe_model``) and
-otherwise reads the wrapped layers itself: PEFT's ``LoraLayer``s and the package's adapter layers (any module with a
-``base_layer`` and an adapter ``config``; a layer's own ``describe()`` entry wins).
-"""
+:mod:`moelora_lit.flops` (PEFT LoRA's layers are described here in the same format)."""
 
 from __future__ import annotations
 
@@ -13,11 +8,8 @@ from typing import Any
 
 from torch import nn
 
+from moelora_lit import MoELoRAConfig
 from moelora_lit.flops import adapter_flops_per_token, base_flops_per_token
-
-# The expert layout a method uses when its config names none (agreed configuration of the family).
-METHOD_LAYOUT = {"moelora": "slices", "lora": "slices", "loramoe": "independent", "mola": "independent",
-                 "mixlora": "independent", "hydralora": "shared_a", "flylora": "fly"}
 
 
 def _peft_entry(name: str, module: nn.Module) -> dict | None:
@@ -29,36 +21,17 @@ def _peft_entry(name: str, module: nn.Module) -> dict | None:
             "rank": int(ranks[adapter]), "top_k": 1, "layout": "slices", "router": "none"}
 
 
-def _family_entry(name: str, module: nn.Module) -> dict | None:
-    config = getattr(module, "config", None)
-    if getattr(module, "base_layer", None) is None or not hasattr(config, "r"):
-        return None
-    if callable(getattr(module, "describe", None)):
-        return {"name": name, **module.describe()}
-    method = getattr(config, "method", "moelora")
-    layout = getattr(module, "expert_layout", None) or getattr(config, "expert_layout", None) or METHOD_LAYOUT[method]
-    experts = getattr(module, "num_experts", None) or config.num_experts
-    return {"name": name, "in": int(module.in_features), "out": int(module.out_features), "experts": int(experts),
-            "rank": int(config.r), "top_k": int(config.top_k), "layout": layout,
-            "router": "implicit" if layout == "fly" else config.router}
-
-
 def describe_model(model: nn.Module) -> dict:
-    """``{"modules": [...], "routers": [...], "blocks": [...], "config": {...}}`` of an adapted model."""
-    try:
-        from moelora_lit.describe import describe_model as package_describe  # type: ignore[import-not-found]
-    except ImportError:
-        package_describe = None
-    if package_describe is not None:
-        return package_describe(model)
-    modules, config = [], None
-    for name, module in model.named_modules():
-        entry = _family_entry(name, module) or _peft_entry(name, module)
-        if entry is not None:
-            modules.append(entry)
-            config = config or getattr(module, "config", None)  # the adapter config the layers share
-    config_dict = dataclasses.asdict(config) if dataclasses.is_dataclass(config) else {}
-    return {"modules": modules, "routers": [], "blocks": [], "config": config_dict}
+    """``{"modules": [...], "routers": [...], "blocks": [...], "config": {...}}`` of an adapted model: the package's
+    :func:`moelora_lit.describe.describe_model` for its own adapters (plus their config, which holds the auxiliary
+    settings), PEFT's LoRA layers read here, and nothing for a bare model."""
+    config = next((c for m in model.modules() if isinstance(c := getattr(m, "config", None), MoELoRAConfig)), None)
+    if config is not None:
+        from moelora_lit.describe import describe_model as package_describe
+
+        return {**package_describe(model), "config": dataclasses.asdict(config)}
+    modules = [entry for name, module in model.named_modules() if (entry := _peft_entry(name, module)) is not None]
+    return {"modules": modules, "routers": [], "blocks": [], "config": {}}
 
 
 def variant_flops(model: nn.Module, hf_config: Any, seq: int, tokens: int, real_token_fraction: float) -> dict:

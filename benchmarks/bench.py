@@ -11,7 +11,13 @@ variants and targets are data in ``presets.py``; timing, memory and generation l
     python benchmarks/bench.py --preset llama7b_layer            # LLaMA-7B widths, 2 layers, CPU float32
     python benchmarks/bench.py --preset tiny --json out.json     # seconds (used by tests/test_bench.py)
     python benchmarks/bench.py --preset gpu --json gpu.json      # LLaMA-7B layer dims, 2 layers, bf16 autocast
+    python benchmarks/bench.py --preset smollm2 --variants peft_lora,moelora --no-generate --json s.json
+    python benchmarks/bench.py --preset smollm2 --variants peft_lora,moelora,loramoe,hydralora,mola,flylora,mixlora
     python benchmarks/bench.py --profile                         # also torch.profiler's top ops of a MoELoRA step
+
+Every variant also gets its FLOPs (``moelora_lit.flops``, the method's own work, base model included) as a ratio to
+PEFT LoRA's, and ``efficiency_vs_peft_lora = flop_ratio / step_time_ratio``: 1 when the variant's extra arithmetic
+costs time in proportion, below 1 when it costs more time than its FLOPs explain.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # presets.py and measure.py beside this file
 
+from arithmetic import variant_flops  # noqa: E402
 from measure import (  # noqa: E402
     Variant,
     build_variants,
@@ -41,7 +48,7 @@ from measure import (  # noqa: E402
     time_steps,
 )
 from memory import measure_memory, profile_step  # noqa: E402
-from presets import BASELINE, DESCRIPTIONS, GENERATE_VARIANTS, PRESETS, VARIANTS, Sizes, targets_for  # noqa: E402
+from presets import BASELINE, DEFAULT_VARIANTS, DESCRIPTIONS, GENERATE_VARIANTS, PRESETS, VARIANTS, Sizes, targets_for  # noqa: E402
 
 TARGETS = targets_for("default")  # the default preset's targets (kept for importers of bench.TARGETS)
 
@@ -59,9 +66,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Sizes
     parser.add_argument("--preset", choices=sorted(PRESETS), default="default")
     parser.add_argument("--json", type=Path, help="write the results here")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda for --preset gpu, else cpu)")
-    parser.add_argument("--variants", default=",".join(VARIANTS), help=f"comma list of {', '.join(VARIANTS)}")
+    parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
+                        help=f"comma list of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--no-generate", action="store_true", help="skip the generation timing")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a MoELoRA step")
+    parser.add_argument("--skip-unavailable", action="store_true",
+                        help="leave out (and report) variants that cannot be built, e.g. a missing method preset")
     for f in Sizes.__dataclass_fields__.values():
         flag = "--" + f.name.replace("_", "-")
         if f.name == "targets":
@@ -94,10 +104,19 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"bench.py: --variants must include {BASELINE} and name only {', '.join(VARIANTS)}")
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
-    gflops = matmul_gflops()
+    gflops = matmul_gflops(device=device)
 
-    variants = build_variants(names, s, device)
+    unavailable: dict[str, str] | None = {} if args.skip_unavailable else None
+    try:
+        variants = build_variants(names, s, device, unavailable)
+    except FileNotFoundError as err:
+        raise SystemExit(f"bench.py: {err}; write it or leave the variant out of --variants") from err
+    if BASELINE not in {v.name for v in variants}:
+        raise SystemExit(f"bench.py: the baseline {BASELINE} could not be built: {unavailable}")
     batch = make_batch(s, device)
+    real = float(batch["attention_mask"].float().mean())
+    for v in variants:
+        v.flops = variant_flops(v.model, v.model.config, s.seq, s.batch * s.seq, real)
     time_steps(variants, batch, s, amp)
     for v in variants:
         v.memory = measure_memory(v, batch, amp)
@@ -108,6 +127,7 @@ def main(argv: list[str] | None = None) -> dict:
     gen_tokens = time_generation(gen_variants, batch, s, amp)
 
     result = summarise(args, s, device, variants, gen_tokens, profile_rows, time.perf_counter() - t_start)
+    result["unavailable_variants"] = unavailable or {}
     result["matmul_gflops"] = gflops
     result["load_average_at_start"] = load_start
     busy = load_start is not None and device.type == "cpu" and load_start >= 0.5 * (os.cpu_count() or 1)
@@ -137,10 +157,16 @@ def variant_row(v: Variant, ref: Variant, s: Sizes, gen_tokens: dict) -> dict:
         "peak_memory_ratio_vs_peft_lora": v.memory["peak_memory_mb"] / ref.memory["peak_memory_mb"],
         "step_transient_ratio_vs_peft_lora": v.memory["step_transient_peak_mb"] / ref.memory["step_transient_peak_mb"],
         "trainable_params": sum(p.numel() for p in v.trainable),
+        **v.flops,
+        "flop_ratio_vs_peft_lora": v.flops["step_flops"] / ref.flops["step_flops"],
+        "executed_flop_ratio_vs_peft_lora": v.flops["step_flops_executed"] / ref.flops["step_flops_executed"],
     }
+    row["efficiency_vs_peft_lora"] = row["flop_ratio_vs_peft_lora"] / row["step_time_ratio_vs_peft_lora"]
     if v.gen_ms:
         row.update(generate_ms_median=median(v.gen_ms), generate_ms_all=v.gen_ms,
                    generate_new_tokens=gen_tokens[v.name])
+        if ref.gen_ms:
+            row["generate_time_ratio_vs_peft_lora"] = median(v.gen_ms) / median(ref.gen_ms)
     return row
 
 
@@ -171,7 +197,8 @@ def summarise(args, s: Sizes, device: torch.device, variants: list[Variant], gen
     moe = rows.get("moelora")
     if moe is not None:
         for key in ("step_time_ratio_vs_peft_lora", "paired_step_time_ratio_vs_peft_lora",
-                    "peak_memory_ratio_vs_peft_lora", "step_transient_ratio_vs_peft_lora"):
+                    "peak_memory_ratio_vs_peft_lora", "step_transient_ratio_vs_peft_lora", "flop_ratio_vs_peft_lora",
+                    "efficiency_vs_peft_lora"):
             result[key] = moe[key]
         if "generate_ms_median" in moe and "generate_ms_median" in rows[BASELINE]:
             result["generate_time_ratio_vs_peft_lora"] = (moe["generate_ms_median"]
@@ -201,7 +228,8 @@ def print_report(r: dict) -> None:
           f"batch {s['batch']} x seq {s['seq']}, r={s['rank']}, targets {','.join(s['targets'])}, "
           f"device {r['device']} ({r['threads']} threads), torch {r['torch_version']}")
     header = (f"{'variant':<15}{'step ms':>10}{'[q1, q3]':>20}{'ratio':>8}{'cpu ms':>10}{'ratio':>8}"
-              f"{'peak MB':>10}{'ratio':>8}{'step MB':>10}{'ratio':>8}{'gen ms':>10}{'ratio':>8}")
+              f"{'peak MB':>10}{'ratio':>8}{'step MB':>10}{'ratio':>8}{'gen ms':>10}{'ratio':>8}"
+              f"{'FLOPs':>8}{'effic.':>8}")
     print(header)
     print("-" * len(header))
     ref_gen = r["variants"][BASELINE].get("generate_ms_median")
@@ -212,7 +240,11 @@ def print_report(r: dict) -> None:
         print(f"{name:<15}{row['step_ms_median']:>10.1f}{spread:>20}{row['step_time_ratio_vs_peft_lora']:>8.3f}"
               f"{row['step_cpu_ms_median']:>10.1f}{row['step_cpu_ratio_vs_peft_lora']:>8.3f}"
               f"{row['peak_memory_mb']:>10.1f}{row['peak_memory_ratio_vs_peft_lora']:>8.3f}"
-              f"{row['step_transient_peak_mb']:>10.1f}{row['step_transient_ratio_vs_peft_lora']:>8.3f}{gen_s}")
+              f"{row['step_transient_peak_mb']:>10.1f}{row['step_transient_ratio_vs_peft_lora']:>8.3f}{gen_s}"
+              f"{row['flop_ratio_vs_peft_lora']:>8.3f}{row['efficiency_vs_peft_lora']:>8.3f}")
+    for name, why in r.get("unavailable_variants", {}).items():
+        print(f"{name:<15}not measured: {why}")
+    print("FLOPs: step FLOPs (base + adapter, method's own work) / PEFT LoRA's; effic.: FLOPs ratio / step ratio")
     print()
     targets = r["targets"]
     for key in ("step_time_ratio_vs_peft_lora", "paired_step_time_ratio_vs_peft_lora",

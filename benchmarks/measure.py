@@ -19,7 +19,7 @@ try:  # an installed package or PYTHONPATH wins; otherwise run from this checkou
 except ImportError:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from presets import Sizes  # noqa: E402
+from presets import FAMILY, Sizes, method_adapter  # noqa: E402
 
 from moelora_lit import MoELoRAConfig, collect_aux_losses, inject_moelora, push_queues, set_token_mask  # noqa: E402
 
@@ -43,15 +43,18 @@ def quartiles(values: list[float]) -> tuple[float, float]:
     return q[0], q[2]
 
 
-def matmul_gflops(n: int = 1024, reps: int = 5) -> float:
-    """float32 GFLOPS of an ``n x n`` CPU matmul at torch's current thread count (best of ``reps``)."""
+def matmul_gflops(n: int = 1024, reps: int = 5, device: torch.device | str = "cpu") -> float:
+    """float32 GFLOPS of an ``n x n`` matmul on ``device`` (CPU: at torch's current thread count), best of ``reps``."""
+    device = torch.device(device)
     g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g), torch.randn(n, n, generator=g)
+    a, b = torch.randn(n, n, generator=g).to(device), torch.randn(n, n, generator=g).to(device)
     a @ b  # warm-up
     best = math.inf
     for _ in range(reps):
+        sync(device)
         t0 = time.perf_counter()
         a @ b
+        sync(device)
         best = min(best, time.perf_counter() - t0)
     return 2 * n**3 / best / 1e9
 
@@ -66,6 +69,7 @@ def build_base(s: Sizes, device: torch.device) -> nn.Module:
         num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
         max_position_embeddings=max(s.seq, s.gen_prompt + s.gen_new_tokens) + 8,
         tie_word_embeddings=s.tie_embeddings, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+        rope_theta=s.rope_theta, rms_norm_eps=s.rms_eps,
     )
     torch.manual_seed(s.seed)
     model = LlamaForCausalLM(config).to(device)
@@ -91,11 +95,16 @@ def make_variant(name: str, base: nn.Module, s: Sizes) -> nn.Module:
         cfg = LoraConfig(r=s.rank, lora_alpha=s.alpha, lora_dropout=s.dropout, target_modules=list(s.targets),
                          bias="none", task_type="CAUSAL_LM")
         return get_peft_model(model, cfg)
+    if name in FAMILY:  # the method's own preset (experiments/methods/<name>.yaml), not this benchmark's sizes
+        inject_moelora(model, MoELoRAConfig.from_dict(method_adapter(name, s.targets)))
+        return model
+    lora = name == "lora"
     cfg = MoELoRAConfig(
-        r=s.rank, num_experts=s.experts, top_k=s.top_k, lora_alpha=s.alpha, lora_dropout=s.dropout,
-        target_modules=list(s.targets), router="dense" if name == "moelora_dense" else "topk",
-        contrastive_weight=0.0 if name == "moelora_no_cl" else s.contrastive_weight,
-        contrastive_queue_size=s.queue, balance_weight=s.balance_weight,
+        r=s.rank, num_experts=1 if lora else s.experts, top_k=1 if lora else s.top_k, lora_alpha=s.alpha,
+        lora_dropout=s.dropout, target_modules=list(s.targets), router="dense" if name == "moelora_dense" else "topk",
+        contrastive_weight=0.0 if name in ("moelora_no_cl", "lora") else s.contrastive_weight,
+        contrastive_queue_size=s.queue, balance_weight=0.0 if lora else s.balance_weight,
+        aux_reduction=s.aux_reduction,
     )
     inject_moelora(model, cfg)
     return model
@@ -113,6 +122,7 @@ class Variant:
     step_cpu_ms: list[float] = field(default_factory=list)
     gen_ms: list[float] = field(default_factory=list)
     memory: dict = field(default_factory=dict)
+    flops: dict = field(default_factory=dict)  # benchmarks/arithmetic.variant_flops
     first_step_ms: float | None = None  # includes one-time work: compiling the CPU contrastive kernel, AdamW state
 
     @property
@@ -120,15 +130,26 @@ class Variant:
         return [p for p in self.model.parameters() if p.requires_grad]
 
 
-def build_variants(names: list[str], s: Sizes, device: torch.device) -> list[Variant]:
-    """One ``Variant`` per name, all from the same base weights, each with AdamW over its trainable params."""
+def build_variants(names: list[str], s: Sizes, device: torch.device,
+                   unavailable: dict[str, str] | None = None) -> list[Variant]:
+    """One ``Variant`` per name, all from the same base weights, each with AdamW over its trainable params.
+
+    With an ``unavailable`` dict, a variant that cannot be built (a missing method preset, a config the package does
+    not accept yet) is left out and its error recorded there; without one, the error propagates.
+    """
     base = build_base(s, device)
     variants = []
     for name in names:
-        model = make_variant(name, base, s).train()
+        try:
+            model = make_variant(name, base, s).train()
+        except (FileNotFoundError, ValueError, TypeError, KeyError) as err:
+            if unavailable is None:
+                raise
+            unavailable[name] = f"{type(err).__name__}: {err}"
+            continue
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=s.lr) if params else None
-        variants.append(Variant(name, model, optimizer, moelora=name.startswith("moelora")))
+        variants.append(Variant(name, model, optimizer, moelora=name not in ("base", "peft_lora")))
     return variants
 
 

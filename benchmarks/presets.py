@@ -7,7 +7,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BASELINE = "peft_lora"
-TINY_BASE_CONFIG = Path(__file__).resolve().parents[1] / "moelora_lit" / "assets" / "tiny-base" / "config.json"
+REPO = Path(__file__).resolve().parents[1]
+TINY_BASE_CONFIG = REPO / "moelora_lit" / "assets" / "tiny-base" / "config.json"
+METHODS_DIR = REPO / "experiments" / "methods"
 
 
 @dataclass
@@ -43,6 +45,9 @@ class Sizes:
     amp: str = "none"  # "bf16": torch.autocast(bf16) around forward + loss
     threads: int = 0  # torch.set_num_threads; 0 keeps torch's default
     tie_embeddings: bool = False  # LM head shares the input embedding matrix (as the embedded tiny base does)
+    rope_theta: float = 10000.0
+    rms_eps: float = 1e-6
+    aux_reduction: str = "sum"  # MoELoRAConfig.aux_reduction of the moelora variants
     share_base: bool = False  # variants share the frozen base tensors instead of deep copies (saves RAM)
 
 
@@ -75,6 +80,15 @@ PRESETS: dict[str, dict] = {
     "llama7b_layer": dict(layers=2, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000, seq=64,
                           batch=2, warmup=1, reps=4, gen_batch=2, gen_prompt=16, gen_new_tokens=8, gen_warmup=1,
                           gen_reps=3, threads=2, share_base=True),
+    # SmolLM2-135M-Instruct's architecture (random weights, no download): 30 layers, hidden 576, MLP 1536, 9 heads,
+    # 3 KV heads, vocab 49152, tied embeddings, rope theta 1e5, RMS eps 1e-5; all seven projections; MoELoRA at the
+    # SmolLM2 study's settings (r 32, 8 experts top-2, alpha 32, dropout 0, queue 128, contrastive and balance 0.01,
+    # aux_reduction mean); batch 8 x 128. Variants share the frozen base tensors.
+    "smollm2": dict(layers=30, hidden=576, intermediate=1536, heads=9, kv_heads=3, vocab=49152, tie_embeddings=True,
+                    rope_theta=100000.0, rms_eps=1e-5, seq=128, batch=8, rank=32, alpha=32.0, dropout=0.0, experts=8,
+                    top_k=2, queue=128, contrastive_weight=0.01, balance_weight=0.01, aux_reduction="mean",
+                    targets=list(ALL_PROJECTIONS), warmup=2, reps=5, gen_batch=8, gen_prompt=64, gen_new_tokens=32,
+                    gen_warmup=1, gen_reps=3, threads=2, share_base=True),
     # LLaMA-7B layer dims with 2 layers, bf16 autocast, on a GPU.
     "gpu": dict(layers=2, hidden=4096, intermediate=11008, heads=32, kv_heads=32, vocab=32000, seq=1024,
                 batch=4, warmup=3, reps=20, gen_batch=8, gen_prompt=128, gen_new_tokens=64, gen_warmup=1,
@@ -100,12 +114,35 @@ def targets_for(preset: str) -> dict[str, float]:
     return dict(PRESET_TARGETS.get(preset, DEFAULT_TARGETS))
 
 
-VARIANTS = ("base", "peft_lora", "moelora", "moelora_no_cl", "moelora_dense")
+# The family's methods, each built from its preset experiments/methods/<name>.yaml (a ``model.adapter`` fragment).
+FAMILY = ("loramoe", "hydralora", "mola", "flylora", "mixlora")
+VARIANTS = ("base", "peft_lora", "lora", "moelora", "moelora_no_cl", "moelora_dense", *FAMILY)
+DEFAULT_VARIANTS = ("base", "peft_lora", "moelora", "moelora_no_cl", "moelora_dense")  # bench.py without --variants
 DESCRIPTIONS = {
     "base": "frozen base, forward + backward to the input embeddings, no adapter",
     "peft_lora": "PEFT LoRA r={rank}",
     "moelora": "MoELoRA {experts} experts top-{top_k}, contrastive {contrastive_weight:g} (queue {queue})",
     "moelora_no_cl": "MoELoRA {experts} experts top-{top_k}, contrastive off",
     "moelora_dense": "MoELoRA {experts} experts, dense router, contrastive {contrastive_weight:g}",
+    "lora": "this package's layer with 1 expert (the design's LoRA baseline), r={rank}",
+    **{name: f"{name}, experiments/methods/{name}.yaml" for name in FAMILY},
 }
-GENERATE_VARIANTS = ("base", "peft_lora", "moelora")
+GENERATE_VARIANTS = ("base", "peft_lora", "lora", "moelora", *FAMILY)
+
+
+def method_adapter(name: str, targets: list[str]) -> dict:
+    """``model.adapter`` of ``experiments/methods/<name>.yaml`` (nested or the dotted key ``model.adapter:``);
+    ``targets`` fill in only where it names none."""
+    import yaml
+
+    path = METHODS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise FileNotFoundError(f"variant {name!r} is built from its method preset {path.relative_to(REPO)}, "
+                                "which does not exist yet")
+    data = yaml.safe_load(path.read_text()) or {}
+    adapter = dict(data.get("model.adapter") or (data.get("model") or {}).get("adapter") or {})  # either spelling
+    if not adapter:
+        raise ValueError(f"{path.relative_to(REPO)} has no model.adapter section")
+    if not adapter.get("target_modules"):
+        adapter["target_modules"] = list(targets)
+    return adapter

@@ -16,9 +16,11 @@ Two counts of an adapter:
 - method's own work (``executed=False``, the default, and what ``benchmarks/bench.py`` uses for its FLOP ratio and
   ``efficiency_vs_peft_lora``): only the experts a token is routed to run (top-k for sparse routers, all N for
   dense and random ones); FlyLoRA's B over its k active ranks.
-- executed (``executed=True``): what an implementation that computes every expert densely runs. The layouts in
-  ``dense_layouts`` are counted that way; by default ``slices`` (the MoELoRA layer computes A over all r ranks and B
-  over all r columns and applies the gates in between) and ``fly`` (B over all r ranks of the masked projection).
+- executed (``executed=True``): what the package's layers run. The layouts in ``dense_layouts`` (by default all)
+  compute every expert densely: ``MoELoRALinear`` runs A over all its rows and B over all its columns and applies
+  the gates in between (FlyLoRA: B over all r ranks); MixLoRA's FFN linears run A over all N experts (once per
+  token for gate and up, whose input is shared, once per selected slot for down) and, per slot, B over all N*r
+  columns through a one-hot placement. ``tests/test_flops.py`` holds this count to ``FlopCounterMode``.
 
 Per-module arithmetic (``in -> out``, rank ``r``, N experts, k = top-k), forward:
 
@@ -28,8 +30,10 @@ Per-module arithmetic (``in -> out``, rank ``r``, N experts, k = top-k), forward
 - independent (LoRAMoE, MoLA) and ffn_expert (MixLoRA's FFN linears): ``m * (2*in*r + 2*r*out)``.
 - shared_a (HydraLoRA): ``2*in*r + m*2*r*out``.
 - fly (FlyLoRA): frozen A ``2*in*r`` (backward 1x), trainable B ``2*k*out`` (executed: ``2*r*out``).
-- MixLoRA block: the frozen FFN runs once per selected expert, so ``(k - 1) * 2*3*hidden*intermediate`` beyond the
-  base model's one run (frozen: backward 1x).
+- MixLoRA block: the frozen down projection runs once per selected expert (the activation sits before it), so
+  ``(k - 1) * 2*hidden*intermediate`` beyond the base model's one run (frozen: backward 1x). The frozen gate and up
+  projections do not depend on the expert and run once, as the package computes them; the reference implementation
+  (MoE-PEFT) runs the whole frozen FFN per expert: ``share_ffn_inputs=False`` counts ``(k - 1) * 3`` runs.
 
 Auxiliary terms (per module with a router, per token):
 
@@ -37,8 +41,9 @@ Auxiliary terms (per module with a router, per token):
   anchors per token m * real-token fraction; each anchor scores N x queue entries: logits ``2*N*Q*d`` and the
   softmax-weighted queue mean for the closed-form gradient ``2*N*Q*d`` (matmuls), plus about ``3*N*Q`` elementwise
   (scale, exp, sum) and ``4*d`` for the gradient.
-- balance (weight > 0): ``4*N`` (cv2, localized: importance sums and their gradient), ``10*N`` (switch: full
-  softmax, shares and their gradient); FlyLoRA's bias update ``r`` (counting picks). z-loss (weight > 0): ``4*N + 4``.
+- balance (weight > 0): ``4*N`` (cv2, localized: importance sums and their gradient), ``10*N`` (switch,
+  switch_topk: full softmax, shares and their gradient); FlyLoRA's bias update ``r`` (counting picks). z-loss
+  (weight > 0): ``4*N + 4``.
 """
 
 from __future__ import annotations
@@ -50,7 +55,9 @@ AUX_KEYS = ("contrastive_weight", "contrastive_queue_size", "balance_weight", "b
 TRAINED_ROUTERS = ("topk", "dense", "noisy", "block")
 ALL_EXPERT_ROUTERS = ("dense", "random")  # every gate is non-zero: every expert runs
 CONTRASTIVE_LAYOUTS = ("slices", "independent", "ffn_expert")
-DENSE_LAYOUTS = ("slices", "fly")  # computed densely by the layer: every rank of A and B, gates applied between
+# Computed densely by the package's layers: A and B over every expert's ranks, gates applied between (MoELoRALinear);
+# MixLoRA's A over all N experts and, per selected slot, B over all N*r columns through a one-hot placement.
+DENSE_LAYOUTS = ("slices", "independent", "shared_a", "fly", "ffn_expert")
 
 
 def matmul(tokens: float, a: int, b: int) -> float:
@@ -90,6 +97,10 @@ def module_flops(module: dict, executed: bool = False, dense_layouts: tuple[str,
     if layout == "slices":
         ranks = m * r // n
         parts += [_linear(matmul(1, fan_in, ranks), True), _linear(matmul(1, ranks, fan_out), True)]
+    elif layout == "ffn_expert" and executed and layout in dense_layouts:
+        k = min(int(module.get("top_k") or n), n)
+        slots_in = k if str(module.get("name", "")).endswith("down_proj") else 1  # gate/up share the block input
+        parts += [_linear(slots_in * matmul(1, fan_in, n * r), True), _linear(k * matmul(1, n * r, fan_out), True)]
     elif layout in ("independent", "ffn_expert"):
         parts += [_linear(m * (matmul(1, fan_in, r) + matmul(1, r, fan_out)), True)]
     elif layout == "shared_a":
@@ -120,14 +131,14 @@ def _aux_flops(module: dict, aux: dict) -> dict:
         out["balance"] = float(r)  # FlyLoRA's per-rank bias update: counting each rank's picks
     elif router in TRAINED_ROUTERS:
         if float(aux.get("balance_weight") or 0) > 0:
-            out["balance"] = (10.0 if aux.get("balance_loss") == "switch" else 4.0) * n
+            out["balance"] = (10.0 if str(aux.get("balance_loss")).startswith("switch") else 4.0) * n
         if float(aux.get("z_loss_weight") or 0) > 0:
             out["z"] = 4.0 * n + 4.0
     return out
 
 
 def adapter_flops_per_token(description: dict, settings: dict | None = None, *, executed: bool = False,
-                            dense_layouts: tuple[str, ...] = DENSE_LAYOUTS) -> dict:
+                            dense_layouts: tuple[str, ...] = DENSE_LAYOUTS, share_ffn_inputs: bool = True) -> dict:
     """Forward + backward FLOPs per token of an adapter, from ``python -m moelora_lit describe``'s JSON.
 
     Args:
@@ -141,8 +152,10 @@ def adapter_flops_per_token(description: dict, settings: dict | None = None, *, 
             ``balance_loss``, ``z_loss_weight``, ``real_token_fraction``: the share of positions that are real
             tokens, whose anchors the contrastive loss scores); also read from the description, see
             :func:`aux_settings`.
-        executed: count every expert of the ``dense_layouts`` layouts, as a dense implementation runs them,
-            instead of the method's own work.
+        executed: count what the package's layers run (every expert of the ``dense_layouts`` layouts) instead of
+            the method's own work.
+        share_ffn_inputs: MixLoRA's frozen gate and up projections run once per token (False: once per selected
+            expert, as the reference implementation runs them).
 
     Returns:
         FLOPs per token: ``router``, ``experts``, ``ffn_reruns`` (MixLoRA's extra frozen FFN runs), ``contrastive``,
@@ -172,8 +185,9 @@ def adapter_flops_per_token(description: dict, settings: dict | None = None, *, 
             out[key] += value
     for block in blocks:
         n = int(block["experts"])
-        runs = n if executed and "ffn_expert" in dense_layouts else min(int(block.get("top_k") or n), n)
-        fwd, bwd = _linear((runs - 1) * 3 * matmul(1, int(block["hidden"]), int(block["intermediate"])), False)
+        runs = min(int(block.get("top_k") or n), n)     # the package's block too runs W2 for the selected experts only
+        frozen = 1 if share_ffn_inputs or executed else 3
+        fwd, bwd = _linear((runs - 1) * frozen * matmul(1, int(block["hidden"]), int(block["intermediate"])), False)
         out["ffn_reruns"] += fwd + bwd
         out["forward"] += fwd
         out["backward"] += bwd

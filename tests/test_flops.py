@@ -3,21 +3,27 @@ layouts. The contrastive loss is off in the counted steps (its kernel is not a d
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+import yaml
 from torch.utils.flop_counter import FlopCounterMode
 
 from moelora_lit import MoELoRAConfig, collect_aux_losses, inject_moelora
 from moelora_lit.flops import adapter_flops_per_token, base_flops_per_token, matmul
 
+ROOT = Path(__file__).resolve().parents[1]
+METHODS = ROOT / "experiments" / "methods"
+FAMILY = ["lora", "moelora", "loramoe", "hydralora", "mola", "flylora", "mixlora"]
 BATCH, SEQ = 2, 12
 TARGETS = ["q_proj", "v_proj", "gate_proj", "down_proj"]
 
 
-def tiny_llama():
+def tiny_llama(layers: int = 2):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
                          attn_implementation="eager")
     torch.manual_seed(0)
@@ -83,26 +89,49 @@ def test_peft_lora_matches_counter():
     assert counted_step(model) == (base + adapter["matmul"]) * BATCH * SEQ
 
 
+def method_config(name: str) -> MoELoRAConfig:
+    data = yaml.safe_load((METHODS / f"{name}.yaml").read_text())
+    adapter = data.get("model.adapter") or data["model"]["adapter"]
+    return MoELoRAConfig.from_dict({**adapter, "contrastive_weight": 0.0})
+
+
+@pytest.mark.parametrize("name", FAMILY)
+def test_family_executed_count_matches_counter(name):
+    """Every method preset (experiments/methods/), as the package's layers run it, through describe's JSON."""
+    from moelora_lit.describe import describe_model
+
+    model = tiny_llama(layers=4)          # MoLA: one expert count per quarter of the blocks
+    inject_moelora(model, method_config(name))
+    adapter = adapter_flops_per_token(describe_model(model), executed=True)
+    base = base_flops_per_token(model.config, SEQ)["total"]
+    assert counted_step(model) == (base + adapter["matmul"]) * BATCH * SEQ
+    own = adapter_flops_per_token(describe_model(model))
+    if name in ("moelora", "mola", "mixlora", "flylora"):   # top-k: the layers compute every expert
+        assert own["matmul"] < adapter["matmul"]
+    else:                                        # dense routers or one expert: the same work
+        assert own["matmul"] == adapter["matmul"]
+
+
 def test_bench_describer_reads_both_adapters():
-    """benchmarks/arithmetic.describe_model gives the hand-built description for MoELoRA and PEFT LoRA."""
+    """benchmarks/arithmetic.describe_model: the package's describe (with the config's auxiliary settings) for its
+    adapters, the same entries for PEFT LoRA."""
     import sys
-    from pathlib import Path
 
     from peft import LoraConfig, get_peft_model
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks"))
     from arithmetic import describe_model
 
     model = tiny_llama()
     hand = description(model, experts=4, rank=8, top_k=2, layout="slices", router="topk")
     inject_moelora(model, MoELoRAConfig(r=8, num_experts=4, top_k=2, target_modules=TARGETS))
     got = describe_model(model)
-    assert got["modules"] == hand["modules"]
-    assert got["config"]["contrastive_weight"] == 0.01
+    assert [{k: m[k] for k in hand["modules"][0]} for m in got["modules"]] == hand["modules"]
+    assert got["config"]["contrastive_weight"] == 0.01 and adapter_flops_per_token(got)["contrastive"] > 0
     peft_model = get_peft_model(tiny_llama(), LoraConfig(r=8, target_modules=TARGETS))
-    lora = describe_model(peft_model)
-    assert len(lora["modules"]) == len(hand["modules"])
-    assert {(m["experts"], m["rank"], m["router"]) for m in lora["modules"]} == {(1, 8, "none")}
+    lora = [{k: v for k, v in m.items() if k != "name"} for m in describe_model(peft_model)["modules"]]
+    hand = description(tiny_llama(), experts=1, rank=8, top_k=1, layout="slices", router="none")["modules"]
+    assert lora == [{k: v for k, v in m.items() if k != "name"} for m in hand]
 
 
 def one(**module) -> dict:
@@ -135,7 +164,9 @@ def test_mixlora_block_reruns_the_frozen_ffn():
     desc = {"modules": modules, "blocks": [{"hidden": hidden, "intermediate": inter, "experts": n, "top_k": k,
                                             "rank": r}]}
     got = adapter_flops_per_token(desc, {"balance_weight": 0.01, "balance_loss": "switch"})
-    assert got["ffn_reruns"] == (k - 1) * 3 * matmul(1, hidden, inter) * 2        # frozen: forward + 1x backward
+    assert got["ffn_reruns"] == (k - 1) * matmul(1, inter, hidden) * 2      # W2 per extra expert, forward + 1x back
+    reference = adapter_flops_per_token(desc, share_ffn_inputs=False)       # MoE-PEFT: the whole FFN per expert
+    assert reference["ffn_reruns"] == 3 * got["ffn_reruns"]
     assert got["router"] == 3 * matmul(1, hidden, n)                               # one router per block
     assert got["experts"] == k * 3 * (3 * matmul(1, hidden, r) + 3 * matmul(1, r, inter))
     assert got["balance"] == 10 * n and got["contrastive"] == 0
