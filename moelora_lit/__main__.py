@@ -6,7 +6,8 @@ non-finite loss in exit code 1, SIGINT / SIGTERM during fit in a checkpoint and 
 Two tools run before LightningCLI: ``python -m moelora_lit data prepare --source SRC --out DIR`` (LLM-Adapters'
 data, checksummed; :mod:`moelora_lit.data.prepare`) and ``python -m moelora_lit report RUN_DIR... [--csv FILE]``
 (:mod:`moelora_lit.eval.report`); ``python -m moelora_lit lm-eval --config X.yaml --tasks T`` runs
-lm-evaluation-harness on the built model (:mod:`moelora_lit.lightning.harness_run`).
+lm-evaluation-harness on the built model (:mod:`moelora_lit.lightning.harness_run`); ``python -m moelora_lit describe
+--config X.yaml`` prints what a config builds, as JSON (:mod:`moelora_lit.lightning.describe_run`).
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from moelora_lit.lightning.module import MoELoRAModule
 
 
 def _run_tool(args: list[str]) -> int | None:
-    """``data prepare ...``, ``report ...`` and ``lm-eval ...``: their exit code; None for LightningCLI's commands."""
+    """``data prepare``, ``report``, ``lm-eval`` and ``describe``: their exit code; None for LightningCLI's commands."""
     if args[:2] == ["data", "prepare"]:
         from moelora_lit.data.prepare import main as prepare
 
@@ -38,6 +39,10 @@ def _run_tool(args: list[str]) -> int | None:
         from moelora_lit.lightning.harness_run import main as harness
 
         return harness(args[1:])
+    if args[:1] == ["describe"]:
+        from moelora_lit.lightning.describe_run import main as describe
+
+        return describe(args[1:])
     if args[:1] == ["report"]:
         from moelora_lit.eval.report import main as report
 

@@ -81,7 +81,8 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> list[str]:
     num_blocks = max((i + 1 for i in map(block_index, (n for n, _ in targets)) if i is not None), default=None)
     per_layer = {n: config.experts_at(block_index(n), num_blocks) for n, _ in targets}   # raises on a long list
     lora = dataclasses.replace(config, method="lora", expert_layout="slices", placement="linear", num_experts=1,
-                               top_k=1, contrastive_weight=0.0, balance_weight=0.0, z_loss_weight=0.0)
+                               top_k=1, router="topk", contrastive_weight=0.0, balance_weight=0.0,
+                               z_loss_weight=0.0) if blocks else None
     for param in model.parameters():
         param.requires_grad_(False)
     wrapped = []
@@ -144,8 +145,11 @@ def config_targets(targets: list[tuple[str, nn.Module]]) -> str:
 
 
 def set_token_mask(model: nn.Module, mask: Tensor | None) -> None:
-    """Tell every MoELoRA layer which tokens are real (attention mask, any shape of (batch, seq))."""
-    require_adapters(model, "set_token_mask").set_token_mask(mask)
+    """Tell every MoELoRA layer which tokens are real (attention mask, any shape of (batch, seq)); a model without
+    adapters (a plain base scored zero-shot) has nothing to tell."""
+    owner = adapters_of(model)
+    if owner is not None:
+        owner.set_token_mask(mask)
 
 
 def collect_aux_losses(model: nn.Module) -> dict[str, Tensor]:

@@ -50,11 +50,16 @@ class RoutingAccumulator:
     """On-device running sums of routing statistics for L layers x N experts.
 
     Holds ``gate_sum`` (L, N) summed gates, ``routed`` (L, N) routed-slot counts (gates > 0),
-    ``entropy_sum`` (L,) summed token entropies and ``count`` (L,) real tokens, all float32.
+    ``entropy_sum`` (L,) summed token entropies and ``count`` (L,) real tokens, all float32. ``num_experts`` may be
+    one count per layer (MoLA's depth groups, MixLoRA's LoRA layers beside its blocks): N is then the largest, a
+    layer's gates are padded with zeros, and the spread statistics (cv, min) are taken over its own experts only.
     """
 
-    def __init__(self, num_layers: int, num_experts: int, device: torch.device | str | None = None) -> None:
+    def __init__(self, num_layers: int, num_experts: int | list[int], device: torch.device | str | None = None) -> None:
+        counts = num_experts if isinstance(num_experts, list) else [num_experts] * num_layers
+        num_experts = max(counts)
         self.num_layers, self.num_experts = num_layers, num_experts
+        self.valid = torch.arange(num_experts, device=device) < torch.tensor(counts, device=device)[:, None]  # (L, N)
         self.packed = torch.zeros(num_layers, 2 * num_experts + 2, device=device)   # one tensor: one all-reduce
         n = num_experts
         self.gate_sum, self.routed = self.packed[:, :n], self.packed[:, n:2 * n]
@@ -63,6 +68,8 @@ class RoutingAccumulator:
     def update(self, gates: Tensor, mask: Tensor | None = None, layer: int | slice = slice(None)) -> None:
         """Add gates (T, N) of one layer (``layer`` an int) or (L', T, N) of layers ``layer`` (a slice)."""
         g = gates.float()
+        if g.shape[-1] < self.num_experts:                                      # a layer with fewer experts
+            g = torch.nn.functional.pad(g, (0, self.num_experts - g.shape[-1]))
         ent, cnt = gate_entropy(g, mask)
         if mask is None:
             gate_sum, routed = g.sum(-2), (g > 0).sum(-2, dtype=torch.float32)
@@ -85,5 +92,13 @@ class RoutingAccumulator:
         """``entropy`` (L,) mean per real token, ``load`` (L, N) shares, ``cv``/``max``/``min`` (L,) of the
         shares, ``routed`` (L, N) share of routed (token, slot) pairs per expert."""
         shares = load_shares(self.gate_sum)
-        return {"entropy": self.entropy_sum / self.count.clamp_min(1), "load": shares, "cv": load_cv(shares),
-                "max": shares.amax(-1), "min": shares.amin(-1), "routed": load_shares(self.routed)}
+        if bool(self.valid.all()):
+            cv, low = load_cv(shares), shares.amin(-1)
+        else:                                                                   # each layer over its own experts
+            n = self.valid.sum(-1).clamp_min(1)
+            mean = shares.sum(-1) / n
+            std = (((shares - mean[:, None]) * self.valid).square().sum(-1) / n).sqrt()
+            cv = std / mean.clamp_min(torch.finfo(torch.float32).tiny)
+            low = shares.masked_fill(~self.valid, float("inf")).amin(-1)
+        return {"entropy": self.entropy_sum / self.count.clamp_min(1), "load": shares, "cv": cv,
+                "max": shares.amax(-1), "min": low, "routed": load_shares(self.routed)}

@@ -74,7 +74,7 @@ class MoELoRACallback(TrainerCallback):
         if any(g is None for g in gates):
             return
         if self._routing is None:
-            self._routing = RoutingAccumulator(len(self._layers), gates[0].shape[-1], gates[0].device)
+            self._routing = RoutingAccumulator(len(self._layers), [g.shape[-1] for g in gates], gates[0].device)
         masks = [layer.last_token_mask for layer in self._layers]
         if all(g.shape == gates[0].shape for g in gates) and all(m is masks[0] for m in masks):
             self._routing.update(torch.stack(gates), masks[0])                            # (L, T, N), mask (T,)

@@ -142,9 +142,10 @@ class RoutingProbe(L.Callback):
     @torch.no_grad()
     def measure(self, pl_module: L.LightningModule) -> tuple[np.ndarray, np.ndarray, list[str]] | None:
         """(loads (examples, layers, N), entropy (layers,), layer names), or None with a single expert."""
-        layers = list(moelora_layers(pl_module.model))
-        if not layers or layers[0][1].config.num_experts < 2:
+        layers = [(n, layer) for n, layer in moelora_layers(pl_module.model) if layer.num_experts > 1]  # routed ones
+        if not layers:
             return None
+        width = max(layer.num_experts for _, layer in layers)            # fewer experts: zero-padded loads
         tok = pl_module.tokenizer
         texts, _ = self._texts()
         skip = len(tok(ALPACA.split("{instruction}")[0]).input_ids)  # the header every example shares
@@ -154,16 +155,17 @@ class RoutingProbe(L.Callback):
         try:
             for start in range(0, len(texts), self.batch_size):
                 ids = [tok(t).input_ids for t in texts[start:start + self.batch_size]]     # right-padded here
-                width = max(len(i) for i in ids)
-                input_ids = torch.tensor([i + [tok.pad_token_id] * (width - len(i)) for i in ids])
-                attention = torch.tensor([[1] * len(i) + [0] * (width - len(i)) for i in ids])
+                longest = max(len(i) for i in ids)
+                input_ids = torch.tensor([i + [tok.pad_token_id] * (longest - len(i)) for i in ids])
+                attention = torch.tensor([[1] * len(i) + [0] * (longest - len(i)) for i in ids])
                 enc = {"input_ids": input_ids.to(pl_module.device), "attention_mask": attention.to(pl_module.device)}
                 mask = enc["attention_mask"].bool()
                 mask[:, :skip] = False
                 set_token_mask(pl_module.model, enc["attention_mask"])
                 pl_module.model(**enc)
                 batch, seq = mask.shape
-                gates = torch.stack([layer.last_gates.float().view(batch, seq, -1) for _, layer in layers], 1)
+                gates = torch.stack([torch.nn.functional.pad(layer.last_gates.float(), (0, width - layer.num_experts))
+                                     .view(batch, seq, -1) for _, layer in layers], 1)
                 weight = mask[:, None, :, None].float()                                   # (B, 1, S, 1)
                 loads.append(((gates * weight).sum(2) / weight.sum(2)).cpu().numpy())     # (B, L, N)
                 logp = torch.where(gates > 0, gates.clamp_min(1e-12).log(), torch.zeros_like(gates))

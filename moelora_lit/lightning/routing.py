@@ -94,7 +94,7 @@ class RoutingStatsCallback(L.Callback):
         return bool(self._layers)
 
     def _new_accumulator(self, pl_module: L.LightningModule) -> RoutingAccumulator:
-        return RoutingAccumulator(len(self._layers), self._layers[0].config.num_experts, pl_module.device)
+        return RoutingAccumulator(len(self._layers), [layer.num_experts for layer in self._layers], pl_module.device)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.tensorboard_layout:
