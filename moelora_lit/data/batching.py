@@ -76,7 +76,8 @@ class Collator:
     """Turns a list of tokenized rows into a batch dict (picklable, for DataLoader workers).
 
     Train: ``input_ids`` / ``attention_mask`` / ``labels`` (B, L), right padded, labels -100 on
-    padding. Eval adds ``prompt_input_ids`` / ``prompt_attention_mask`` (B, P), LEFT padded for
+    padding, and ``task_group`` (B,) where the rows carry one (``DatasetSpec.task_group``).
+    Eval adds ``prompt_input_ids`` / ``prompt_attention_mask`` (B, P), LEFT padded for
     generation, and python lists ``dataset``, ``task``, ``answer``, ``prompt``, ``instruction``,
     ``source_instruction`` (where the options are read from), ``index``, ``response`` (the set's response style).
     """
@@ -88,6 +89,8 @@ class Collator:
         input_ids, attention_mask = pad([r["input_ids"] for r in rows], self.pad_token_id)
         labels, _ = pad([r["labels"] for r in rows], -100)
         batch: dict[str, Any] = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+        if "task_group" in rows[0]:                                   # (B,) long: LoRAMoE's localized balance loss
+            batch["task_group"] = torch.tensor([r["task_group"] for r in rows], dtype=torch.long)
         if self.eval_mode:
             prompt_ids, prompt_mask = pad([r["prompt_input_ids"] for r in rows], self.pad_token_id, left=True)
             batch["prompt_input_ids"], batch["prompt_attention_mask"] = prompt_ids, prompt_mask

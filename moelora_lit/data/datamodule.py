@@ -41,6 +41,7 @@ class _Part:
     origin: str
     rows: list[dict[str, str]]
     response: str = "dataset"
+    task_group: int | None = None
 
 
 class ReasoningDataModule(LightningDataModule):
@@ -148,7 +149,7 @@ class ReasoningDataModule(LightningDataModule):
                     f"answer); is {key}.name right?"
                 ) from None
         rewrite_responses(rows, spec, key, origin)
-        return _Part(key, spec.name, spec.alias or spec.name, origin, rows, spec.response)
+        return _Part(key, spec.name, spec.alias or spec.name, origin, rows, spec.response, spec.task_group)
 
     @staticmethod
     def _load_tokenizer(name: str) -> Any:
@@ -209,7 +210,11 @@ class ReasoningDataModule(LightningDataModule):
 
         if not self.parts["train"]:
             raise ValueError("data.train is empty; add a dataset, e.g. train: [{name: math_10k, path: ...}]")
-        ds = datasets.concatenate_datasets([self._encode(p, train=True) for p in self.parts["train"]])
+        parts = [self._encode(p, train=True) for p in self.parts["train"]]
+        if any(p.task_group is not None for p in self.parts["train"]):   # LoRAMoE's localized balance loss
+            parts = [ds.add_column("task_group", [-1 if p.task_group is None else p.task_group] * len(ds))
+                     for ds, p in zip(parts, self.parts["train"], strict=True)]
+        ds = datasets.concatenate_datasets(parts)
         prompt_len, full_len = ds["prompt_len"], ds["full_len"]
         dropped = sum(p >= self.max_length for p in prompt_len)
         truncated = sum(p < self.max_length < f for p, f in zip(prompt_len, full_len, strict=True))
@@ -265,7 +270,8 @@ class ReasoningDataModule(LightningDataModule):
         if ds is None:
             self.setup("fit")
             ds = self._built["train"]
-        ds = ds.select_columns(["input_ids", "labels"]) if "full_len" in ds.column_names else ds
+        columns = ["input_ids", "labels"] + (["task_group"] if "task_group" in ds.column_names else [])
+        ds = ds.select_columns(columns) if "full_len" in ds.column_names else ds
         collate = Collator(self.tokenizer.pad_token_id, eval_mode=False)
         if self.group_by_length:
             lengths = [len(x) for x in ds["input_ids"]]

@@ -48,6 +48,9 @@ class DatasetSpec:
             option's text, then the row's closing statement) or ``cloze`` (the question alone, answered by the
             option's text); see the module docstring. Give val/test sets the style their training set had: the
             ``training`` log-likelihood prompt scores options in it.
+        task_group: the task-group label of every row (0 or 1), for LoRAMoE's localized balance loss
+            (``model.adapter.balance_loss: localized``): group 1's samples favour the first half of the experts,
+            group 0's the second half. None: no group.
     """
 
     name: str
@@ -59,6 +62,7 @@ class DatasetSpec:
     alias: str | None = None
     offset: int = 0
     response: str = "dataset"
+    task_group: int | None = None
 
 
 def as_spec(spec: DatasetSpec | dict | str, key: str) -> DatasetSpec:

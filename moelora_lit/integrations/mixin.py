@@ -90,6 +90,7 @@ class MoELoRATrainerMixin:
         """
         core = self.model
         set_token_mask(core, inputs.get("attention_mask"))
+        adapters_of(core).set_task_groups(inputs.pop("task_group", None))   # LoRAMoE's localized balance loss
         result = super().compute_loss(model, inputs, return_outputs=return_outputs,
                                       num_items_in_batch=num_items_in_batch)
         if not core.training:

@@ -20,6 +20,7 @@ from moelora_lit.adapter_io import (
     read_adapter_config,
     save_adapter,
 )
+from moelora_lit.adapters import adapters_of
 from moelora_lit.config import MoELoRAConfig
 from moelora_lit.data.batching import eval_column
 from moelora_lit.eval.answers import PROTOCOLS
@@ -174,6 +175,7 @@ class MoELoRAModule(L.LightningModule):
     # -------------------------------------------------------------------------------- training
     def compute_losses(self, batch: dict[str, Any]) -> dict[str, Tensor]:
         """``L = L_task + w_cl sum L_cl + w_bal sum L_bal + w_z sum L_z`` (docs/design.md §1.5)."""
+        adapters_of(self.model).set_task_groups(batch.get("task_group"))   # LoRAMoE's localized balance loss
         out = self(batch["input_ids"], batch["attention_mask"], batch["labels"])
         return step_loss(self.model, out.loss)  # Lightning divides the returned loss for gradient accumulation
 
