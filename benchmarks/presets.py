@@ -136,13 +136,13 @@ def method_adapter(name: str, targets: list[str]) -> dict:
     import yaml
 
     path = METHODS_DIR / f"{name}.yaml"
+    shown = path.relative_to(REPO) if path.is_relative_to(REPO) else path
     if not path.is_file():
-        raise FileNotFoundError(f"variant {name!r} is built from its method preset {path.relative_to(REPO)}, "
-                                "which does not exist yet")
+        raise FileNotFoundError(f"variant {name!r} is built from its method preset {shown}, which does not exist yet")
     data = yaml.safe_load(path.read_text()) or {}
     adapter = dict(data.get("model.adapter") or (data.get("model") or {}).get("adapter") or {})  # either spelling
     if not adapter:
-        raise ValueError(f"{path.relative_to(REPO)} has no model.adapter section")
+        raise ValueError(f"{shown} has no model.adapter section")
     if not adapter.get("target_modules"):
         adapter["target_modules"] = list(targets)
     return adapter

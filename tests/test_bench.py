@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("base", "peft_lora", "moelora", "moelora_no_cl", "moelora_dense")
@@ -58,12 +59,34 @@ def test_every_variant_has_timings_and_memory(report):
     assert report["variants"]["moelora"]["trainable_params"] == lora + router
 
 
+def test_flop_ratios_and_efficiency(report):
+    s = report["sizes"]
+    for name, row in report["variants"].items():
+        for key in ("base_flops_per_token", "step_flops", "flop_ratio_vs_peft_lora", "efficiency_vs_peft_lora"):
+            assert positive_finite(row[key]), (name, key, row[key])
+        per_token = row["base_flops_per_token"] + row["adapter_flops_per_token"]
+        assert row["step_flops"] == pytest.approx(s["batch"] * s["seq"] * per_token)
+        assert row["efficiency_vs_peft_lora"] == pytest.approx(
+            row["flop_ratio_vs_peft_lora"] / row["step_time_ratio_vs_peft_lora"])
+    rows = report["variants"]
+    assert rows["base"]["adapter_flops_per_token"] == 0 and rows["base"]["flop_ratio_vs_peft_lora"] < 1
+    assert rows["peft_lora"]["flop_ratio_vs_peft_lora"] == 1.0
+    # top-2 of 4 experts runs half of LoRA's ranks (the layer computes all of them: the executed count)
+    moe = rows["moelora"]["adapter_flops_breakdown"]["experts"]
+    assert moe == pytest.approx(rows["peft_lora"]["adapter_flops_breakdown"]["experts"] * s["top_k"] / s["experts"])
+    assert rows["moelora"]["adapter_flops_per_token_executed"] > rows["moelora"]["adapter_flops_per_token"]
+    assert rows["moelora_no_cl"]["adapter_flops_breakdown"]["contrastive"] == 0
+    assert rows["moelora"]["adapter_flops_breakdown"]["contrastive"] > 0
+    assert report["flop_ratio_vs_peft_lora"] == rows["moelora"]["flop_ratio_vs_peft_lora"]
+
+
 def test_generation_timed_for_lora_and_moelora(report):
     s = report["sizes"]
     for name in ("peft_lora", "moelora"):
         row = report["variants"][name]
         assert positive_finite(row["generate_ms_median"]) and len(row["generate_ms_all"]) == s["gen_reps"]
         assert row["generate_new_tokens"] == s["gen_new_tokens"]
+        assert positive_finite(row["generate_time_ratio_vs_peft_lora"])
 
 
 def test_environment_is_recorded(report):
@@ -97,6 +120,54 @@ def test_quickstart_preset_is_the_quickstart_shape():
     assert (s.batch, s.seq) == (data["batch_size"], data["max_length"])
     assert targets_for("quickstart") == {"step_time_ratio_vs_peft_lora": 1.35}
     assert targets_for("default")["step_time_ratio_vs_peft_lora"] == 1.15
+
+
+def test_smollm2_preset_is_smollm2_135m():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from presets import ALL_PROJECTIONS, PRESETS, Sizes
+
+    s = Sizes(**PRESETS["smollm2"])
+    assert (s.layers, s.hidden, s.intermediate, s.heads, s.kv_heads, s.vocab, s.tie_embeddings) == (
+        30, 576, 1536, 9, 3, 49152, True)
+    assert (s.rope_theta, s.rms_eps, s.batch, s.seq, s.targets) == (100000.0, 1e-5, 8, 128, ALL_PROJECTIONS)
+    assert (s.rank, s.experts, s.top_k, s.contrastive_weight, s.balance_weight, s.aux_reduction) == (
+        32, 8, 2, 0.01, 0.01, "mean")
+
+
+def test_family_variant_is_built_from_its_method_preset(tmp_path, monkeypatch):
+    """A family variant reads experiments/methods/<name>.yaml's model.adapter; the benchmark's targets fill in only
+    where the preset names none; a missing preset is an error that names the file."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import measure
+    import presets
+
+    monkeypatch.setattr(presets, "METHODS_DIR", tmp_path)
+    with pytest.raises(FileNotFoundError, match="mola.yaml"):
+        presets.method_adapter("mola", ["q_proj"])
+    (tmp_path / "mola.yaml").write_text("model:\n  adapter: {r: 8, num_experts: 2, top_k: 1}\n")
+    assert presets.method_adapter("mola", ["q_proj"])["target_modules"] == ["q_proj"]
+    (tmp_path / "loramoe.yaml").write_text("model:\n  adapter: {r: 4, num_experts: 4, target_modules: [up_proj]}\n")
+    assert presets.method_adapter("loramoe", ["q_proj"])["target_modules"] == ["up_proj"]
+    s = presets.Sizes(**presets.PRESETS["tiny"])
+    model = measure.make_variant("mola", measure.build_base(s, torch.device("cpu")), s)
+    layers = [m for m in model.modules() if getattr(m, "base_layer", None) is not None]
+    assert len(layers) == s.layers * len(s.targets)
+    assert all(m.config.r == 8 and m.config.num_experts == 2 for m in layers)
+
+
+def test_missing_method_preset(tmp_path, monkeypatch):
+    """A family variant without its preset file: an error naming the file, or with --skip-unavailable a report
+    that names it as not measured."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import bench
+    import presets
+
+    monkeypatch.setattr(presets, "METHODS_DIR", tmp_path)
+    args = ["--preset", "tiny", "--variants", "peft_lora,flylora", "--no-generate", "--reps", "1", "--warmup", "1"]
+    with pytest.raises(SystemExit, match="flylora.yaml"):
+        bench.main(args)
+    report = bench.main([*args, "--skip-unavailable"])
+    assert set(report["variants"]) == {"peft_lora"} and "flylora.yaml" in report["unavailable_variants"]["flylora"]
 
 
 def test_scaling_runs_at_tiny(tmp_path):
