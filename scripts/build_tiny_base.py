@@ -11,7 +11,7 @@
 2. A byte-level BPE tokenizer (`tokenizers`; numbers split from words, any text encodes).
 3. Full training of a small `LlamaForCausalLM` (1.9M parameters) with fixed seeds, deterministic
    algorithms and 1 thread: the same command on the same machine and library versions gives the same
-   bytes (about 10 minutes on this 2-core machine).
+   bytes (about 10 minutes on 2 CPU cores).
 """
 
 from __future__ import annotations
