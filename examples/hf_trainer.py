@@ -1,11 +1,13 @@
-"""MoELoRA with the Hugging Face Trainer: the embedded tiny base on the synthetic suite, then test accuracy.
+"""MoELoRA with the Hugging Face Trainer: the quickstart's job (experiments/quickstart.yaml) on the Trainer.
 
-    python examples/hf_trainer.py                 # about a minute on 2 CPU cores
-    python examples/hf_trainer.py --steps 600     # the quickstart's step budget
+    python examples/hf_trainer.py                 # the quickstart's adapter, data, lr schedule and 600 steps
+    python examples/hf_trainer.py --steps 60      # a short run, to see it work
 
-Trains on ``synth_all`` (responses only in the loss, as the Lightning path), scores greedy generations of held-out
-test problems with the library's answer rules and prints one accuracy per family. The adapter lands in
-``<out>/adapter``; TensorBoard logs (``train/*``, ``routing/*``) under ``<out>/runs``.
+The adapter, the training rows (``synth_all``, the config's limit), the batch size, the lr with its cosine decay to 0,
+gradient clipping, the step budget, the test sets and the generation budget are read from the quickstart config, so
+the two trainers show the same result on the same job (responses only in the loss, as the Lightning path). Greedy
+generations of held-out test problems are scored with the library's answer rules, one accuracy per family. The
+adapter lands in ``<out>/adapter``; TensorBoard logs (``train/*``, ``routing/*``) under ``<out>/runs``.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+import yaml
 from transformers import PrinterCallback, TrainingArguments
 
 import moelora_lit
@@ -29,9 +32,12 @@ from moelora_lit.lightning.generation import generate_texts
 from moelora_lit.models.loading import load_base_model, load_tokenizer
 
 TINY_BASE = str(Path(moelora_lit.__file__).parent / "assets" / "tiny-base")
-ADAPTER = MoELoRAConfig(r=32, num_experts=8, top_k=2, lora_alpha=32, lora_dropout=0.0,
-                        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
-                        contrastive_weight=0.01, contrastive_queue_size=128, balance_weight=0.01)
+QUICKSTART = yaml.safe_load((Path(__file__).resolve().parents[1] / "experiments" / "quickstart.yaml").read_text())
+ADAPTER = MoELoRAConfig(**QUICKSTART["model"]["adapter"])
+OPTIMIZER = QUICKSTART["model"]["optimizer"]["init_args"]            # lr, weight decay (AdamW)
+TRAIN = QUICKSTART["data"]["train"][0]                               # synth_all and its row limit
+STEPS = QUICKSTART["trainer"]["max_steps"]
+TEST_LIMIT = QUICKSTART["data"]["test"][0]["limit"]
 
 
 def token_rows(tokenizer, rows: list[dict[str, str]], max_length: int = 128) -> list[dict[str, list[int]]]:
@@ -59,9 +65,9 @@ def test_accuracy(model, tokenizer, limit: int = 50, max_new_tokens: int = 32) -
 def parse_args(doc: str, out: str) -> argparse.Namespace:
     """``--steps``, ``--out`` and ``--test-limit``, shared by both examples."""
     parser = argparse.ArgumentParser(description=doc.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--steps", type=int, default=STEPS)
     parser.add_argument("--out", default=out)
-    parser.add_argument("--test-limit", type=int, default=50)
+    parser.add_argument("--test-limit", type=int, default=TEST_LIMIT)
     return parser.parse_args()
 
 
@@ -73,11 +79,20 @@ def train_and_report(trainer, tokenizer, out: str, test_limit: int, start: float
         print(f"step {e['step']:4d}  " + "  ".join(f"{k[6:]} {e[k]:.4f}" for k in e if k.startswith("train/")))
     trainer.save_model(f"{out}/adapter")                                      # adapter files only
     trained = time.perf_counter() - start
-    accuracy = test_accuracy(trainer.model, tokenizer, test_limit)
+    accuracy = test_accuracy(trainer.model, tokenizer, test_limit, QUICKSTART["model"]["max_new_tokens"])
     for task, value in accuracy.items():
         print(f"{task:<14} {value:6.3f}  (n={test_limit})")
     print(f"{'mean':<14} {sum(accuracy.values()) / len(accuracy):6.3f}")
     print(f"train {trained:.1f} s, total {time.perf_counter() - start:.1f} s; adapter in {out}/adapter")
+
+
+def training_settings(steps: int) -> dict:
+    """The quickstart's optimisation as ``TrainingArguments``: AdamW at its lr and weight decay, cosine decay to 0
+    over the run without warmup (``CosineAnnealingLR(T_max=max_steps)``), its gradient clipping and batch size."""
+    return {"per_device_train_batch_size": QUICKSTART["data"]["batch_size"], "learning_rate": OPTIMIZER["lr"],
+            "weight_decay": OPTIMIZER.get("weight_decay", 0.0), "lr_scheduler_type": "cosine", "warmup_steps": 0,
+            "max_grad_norm": QUICKSTART["trainer"]["gradient_clip_val"], "logging_steps": max(steps // 5, 1),
+            "save_strategy": "no", "report_to": "tensorboard", "disable_tqdm": True, "seed": 0}
 
 
 def main() -> None:
@@ -87,11 +102,9 @@ def main() -> None:
     tokenizer = load_tokenizer(TINY_BASE)
     model = load_base_model(TINY_BASE)
     inject_moelora(model, ADAPTER)
-    train = token_rows(tokenizer, synthetic_rows("synth_all", "train", 16 * cli.steps))
-    args = TrainingArguments(cli.out, use_cpu=True, max_steps=cli.steps, per_device_train_batch_size=16,
-                             learning_rate=2e-3, weight_decay=0.0, lr_scheduler_type="cosine", max_grad_norm=1.0,
-                             logging_steps=max(cli.steps // 5, 1), save_strategy="no", report_to="tensorboard",
-                             disable_tqdm=True, seed=0)
+    train = token_rows(tokenizer, synthetic_rows(TRAIN["name"], "train", TRAIN["limit"]),
+                       QUICKSTART["data"]["max_length"])
+    args = TrainingArguments(cli.out, use_cpu=True, max_steps=cli.steps, **training_settings(cli.steps))
     trainer = MoELoRATrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                              data_collator=Collator(tokenizer.pad_token_id, eval_mode=False),
                              callbacks=[MoELoRACallback()])

@@ -1,6 +1,7 @@
-"""MoELoRA with TRL's SFTTrainer: the embedded tiny base on the synthetic suite, then test accuracy.
+"""MoELoRA with TRL's SFTTrainer: the quickstart's job (experiments/quickstart.yaml), then test accuracy.
 
-    python examples/trl_sft.py                    # about a minute on 2 CPU cores
+    python examples/trl_sft.py                    # the quickstart's adapter, data, schedule and 600 steps
+    python examples/trl_sft.py --steps 60         # a short run
 
 The same run as ``examples/hf_trainer.py``, with TRL preparing the data: prompt / completion pairs, the loss on
 the completion only. Test accuracy comes from the library's answer rules on greedy generations.
@@ -12,7 +13,7 @@ import time
 
 import torch
 from datasets import Dataset
-from hf_trainer import ADAPTER, TINY_BASE, parse_args, train_and_report
+from hf_trainer import ADAPTER, QUICKSTART, TINY_BASE, TRAIN, parse_args, train_and_report, training_settings
 from trl import SFTConfig
 
 from moelora_lit import inject_moelora
@@ -29,13 +30,11 @@ def main() -> None:
     tokenizer = load_tokenizer(TINY_BASE)
     model = load_base_model(TINY_BASE)
     inject_moelora(model, ADAPTER)
-    rows = synthetic_rows("synth_all", "train", 16 * cli.steps)
+    rows = synthetic_rows(TRAIN["name"], "train", TRAIN["limit"])
     train = Dataset.from_list([{"prompt": build_prompt("alpaca", r["instruction"], r["input"]),
                                 "completion": r["output"] + tokenizer.eos_token} for r in rows])
-    args = SFTConfig(cli.out, use_cpu=True, max_steps=cli.steps, per_device_train_batch_size=16, learning_rate=2e-3,
-                     weight_decay=0.0, lr_scheduler_type="cosine", max_grad_norm=1.0, max_length=128,
-                     logging_steps=max(cli.steps // 5, 1), save_strategy="no", report_to="tensorboard",
-                     disable_tqdm=True, seed=0)
+    args = SFTConfig(cli.out, use_cpu=True, max_steps=cli.steps, max_length=QUICKSTART["data"]["max_length"],
+                     **training_settings(cli.steps))
     trainer = MoELoRASFTTrainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
                                 callbacks=[MoELoRACallback()])
     train_and_report(trainer, tokenizer, cli.out, cli.test_limit, start)
