@@ -9,6 +9,10 @@ Checks:
                   (faults.check_finite off: its one deliberate host sync per step). CPU: the tiny base, 2 steps.
   bench_default   benchmarks/bench.py --preset default on CUDA: step <= 1.10, memory <= 1.05, generation <= 1.10 of
   bench_7b_layer  PEFT LoRA (and --preset llama7b_layer). CPU: --preset tiny, ratios reported, no target.
+  bench_smollm2   benchmarks/bench.py --preset smollm2 (SmolLM2-135M's architecture, bf16 autocast, 5 rounds), one
+                  variant per method (lora, moelora and experiments/methods/<name>.yaml): step, memory, generation,
+                  FLOP ratio and efficiency, reported (no target); a method whose preset is missing or does not
+                  build is "not measured" and fails the check on CUDA. CPU: --preset tiny, one round.
   nf4             a bitsandbytes nf4 base (QLoRA-style), 5 steps (CUDA only).
   fsdp_1gpu       --trainer.strategy=fsdp (FSDP1) on one GPU, 3 steps (CUDA only).
   grad_ckpt       non-reentrant gradient checkpointing: the same loss, gradients and queues as without.
@@ -34,8 +38,13 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 SMOKE = str(REPO / "experiments" / "smoke.yaml")
 TINY_BASE = str(REPO / "moelora_lit" / "assets" / "tiny-base")
+sys.path.insert(0, str(REPO / "benchmarks"))
 TARGETS = {"step_time_ratio_vs_peft_lora": 1.10, "peak_memory_ratio_vs_peft_lora": 1.05,
            "generate_time_ratio_vs_peft_lora": 1.10}
+METHODS = ("peft_lora", "lora", "moelora", "loramoe", "hydralora", "mola", "flylora", "mixlora")
+REPORTED = {"step": "step_time_ratio_vs_peft_lora", "mem": "peak_memory_ratio_vs_peft_lora",
+            "gen": "generate_time_ratio_vs_peft_lora", "flops": "flop_ratio_vs_peft_lora",
+            "eff": "efficiency_vs_peft_lora"}
 SKIP = "skipped: needs CUDA"
 
 
@@ -110,21 +119,26 @@ def check_bf16_train(cuda: bool, out: Path) -> dict:
             f"{losses[-1]:.3f}; {sync}", "losses": losses, "sync_checked": guard.guarded}
 
 
-def check_bench(cuda: bool, out: Path, preset: str) -> dict:
+def check_bench(cuda: bool, out: Path, preset: str, variants: tuple[str, ...] = ()) -> dict:
     json_path = out / f"bench_{preset}.json"
     args = ["--preset", preset, "--device", "cuda", "--json", str(json_path)] if cuda else \
         ["--preset", "tiny", "--reps", "1", "--gen-reps", "1", "--json", str(json_path)]
+    if variants:  # every method in one run; one that cannot be built is reported, not fatal to the others
+        args += ["--variants", ",".join(variants), "--skip-unavailable"]
+        args += ["--amp", "bf16", "--threads", "0", "--reps", "5", "--gen-reps", "2"] if cuda else \
+            ["--warmup", "1", "--layers", "4"]          # MoLA's four depth groups need four blocks
     if cuda:  # a fresh process: its memory peaks are the benchmark's own
         done = subprocess.run([sys.executable, str(REPO / "benchmarks" / "bench.py"), *args], cwd=REPO,
                               capture_output=True, text=True, timeout=300)
         if done.returncode != 0:
             raise AssertionError(f"bench.py exited {done.returncode}: {done.stderr[-800:]}")
     else:  # in this process: the same code path without a second start-up
-        sys.path.insert(0, str(REPO / "benchmarks"))
         import bench
 
         bench.main(args)
     result = json.loads(json_path.read_text())
+    if variants:
+        return family_summary(cuda, result)
     ratios = {k: result.get(k) for k in TARGETS}
     shown = ", ".join(f"{k.split('_')[0]} {v:.3f}" for k, v in ratios.items() if v is not None)
     if not cuda:
@@ -133,6 +147,18 @@ def check_bench(cuda: bool, out: Path, preset: str) -> dict:
     status = "FAIL" if missed else "ok"
     return {"status": status, "detail": f"{shown}" + (f"; over target: {', '.join(missed)}" if missed else ""),
             "ratios": ratios, "targets": TARGETS, "device_name": result.get("device_name")}
+
+
+def family_summary(cuda: bool, result: dict) -> dict:
+    """Each method's ratios to PEFT LoRA; methods not measured fail the check on CUDA."""
+    rows = {name: {short: row.get(key) for short, key in REPORTED.items()}
+            for name, row in result["variants"].items() if name != "peft_lora"}
+    missing = result.get("unavailable_variants", {})
+    shown = "; ".join(f"{n} " + " ".join(f"{k} {v:.2f}" for k, v in r.items() if v is not None)
+                      for n, r in rows.items())
+    detail = shown + (f"; not measured: {', '.join(missing)}" if missing else "")
+    return {"status": "FAIL" if cuda and missing else "ok", "detail": detail, "variants": rows,
+            "not_measured": missing, "device_name": result.get("device_name")}
 
 
 def check_nf4(cuda: bool, out: Path) -> dict:
@@ -228,6 +254,7 @@ def run_all(cuda: bool, out: Path) -> dict[str, dict]:
         "bf16_train": lambda d: check_bf16_train(cuda, d),
         "bench_default": lambda d: check_bench(cuda, d, "default"),
         "bench_7b_layer": lambda d: check_bench(cuda, d, "llama7b_layer") if cuda else _skip(),
+        "bench_smollm2": lambda d: check_bench(cuda, d, "smollm2", METHODS),
         "nf4": lambda d: check_nf4(cuda, d),
         "grad_ckpt": lambda d: check_grad_ckpt(cuda, d),
         "fsdp_1gpu": lambda d: check_fsdp(cuda, d),
@@ -252,19 +279,6 @@ def _skip() -> dict:
     raise Skipped
 
 
-def matmul_gflops(device: torch.device, seconds: float = 0.5) -> float:
-    """float32 1024x1024 matmul throughput on ``device``."""
-    a = torch.randn(1024, 1024, device=device)
-    b = torch.randn(1024, 1024, device=device)
-    n, start = 0, time.perf_counter()
-    while time.perf_counter() - start < seconds:
-        a @ b
-        n += 1
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-    return 2 * 1024**3 * n / (time.perf_counter() - start) / 1e9
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="run on CPU, each check scaled down")
@@ -278,11 +292,13 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:  # the compiled CPU contrastive kernel costs seconds of compilation per shape: not what --cpu checks
         os.environ.setdefault("MOELORA_COMPILE_CONTRASTIVE", "0")
     device = torch.device("cuda" if cuda else "cpu")
+    from measure import matmul_gflops  # benchmarks/measure.py
+
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         results = run_all(cuda, args.out or Path(tmp))
     info = {"device": torch.cuda.get_device_name(0) if cuda else "cpu", "torch": torch.__version__,
-            "threads": torch.get_num_threads(), "matmul_gflops_float32": round(matmul_gflops(device), 1),
+            "threads": torch.get_num_threads(), "matmul_gflops_float32": round(matmul_gflops(device=device), 1),
             "wall_s": round(time.perf_counter() - start, 1)}
     width = max(len(n) for n in results)
     lines = [f"{'check':<{width}}  {'status':<20}  {'s':>6}  detail", "-" * (width + 60)]
