@@ -70,6 +70,7 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Sizes
                         help=f"comma list of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--no-generate", action="store_true", help="skip the generation timing")
     parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a MoELoRA step")
+    parser.add_argument("--flops-only", action="store_true", help="print the FLOP ratios and stop (no timing)")
     parser.add_argument("--skip-unavailable", action="store_true",
                         help="leave out (and report) variants that cannot be built, e.g. a missing method preset")
     for f in Sizes.__dataclass_fields__.values():
@@ -117,6 +118,8 @@ def main(argv: list[str] | None = None) -> dict:
     real = float(batch["attention_mask"].float().mean())
     for v in variants:
         v.flops = variant_flops(v.model, v.model.config, s.seq, s.batch * s.seq, real)
+    if args.flops_only:
+        return print_flops(variants, unavailable or {})
     time_steps(variants, batch, s, amp)
     for v in variants:
         v.memory = measure_memory(v, batch, amp)
@@ -220,6 +223,21 @@ def _version(package: str) -> str | None:
         return version(package)
     except Exception:  # noqa: BLE001 - informational only
         return None
+
+
+def print_flops(variants: list[Variant], unavailable: dict[str, str]) -> dict:
+    """Each variant's step FLOPs against PEFT LoRA's (method's own work; executed by the package's layers)."""
+    ref = next(v for v in variants if v.name == BASELINE).flops
+    ratios = {v.name: {"flop_ratio_vs_peft_lora": v.flops["step_flops"] / ref["step_flops"],
+                       "executed_flop_ratio_vs_peft_lora": v.flops["step_flops_executed"] / ref["step_flops_executed"],
+                       **v.flops} for v in variants}
+    print(f"{'variant':<15}{'adapter/token':>15}{'base/token':>14}{'FLOPs ratio':>13}{'executed':>10}")
+    for name, row in ratios.items():
+        print(f"{name:<15}{row['adapter_flops_per_token']:>15.4g}{row['base_flops_per_token']:>14.4g}"
+              f"{row['flop_ratio_vs_peft_lora']:>13.3f}{row['executed_flop_ratio_vs_peft_lora']:>10.3f}")
+    for name, why in unavailable.items():
+        print(f"{name:<15}not built: {why}")
+    return {"variants": ratios, "unavailable_variants": unavailable}
 
 
 def print_report(r: dict) -> None:
