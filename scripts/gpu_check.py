@@ -9,10 +9,8 @@ Checks:
                   (faults.check_finite off: its one deliberate host sync per step). CPU: the tiny base, 2 steps.
   bench_default   benchmarks/bench.py --preset default on CUDA: step <= 1.10, memory <= 1.05, generation <= 1.10 of
   bench_7b_layer  PEFT LoRA (and --preset llama7b_layer). CPU: --preset tiny, ratios reported, no target.
-  bench_smollm2   benchmarks/bench.py --preset smollm2 (SmolLM2-135M's architecture, bf16 autocast, 5 rounds), one
-                  variant per method (lora, moelora and experiments/methods/<name>.yaml): step, memory, generation,
-                  FLOP ratio and efficiency, reported (no target); a method whose preset is missing or does not
-                  build is "not measured" and fails the check on CUDA. CPU: --preset tiny, one round.
+  bench_smollm2   bench.py --preset smollm2 (bf16, 5 rounds), every method (lora, moelora, experiments/methods/): step,
+                  memory, generation, FLOP ratio, efficiency, no target; one that cannot be built fails it on CUDA.
   nf4             a bitsandbytes nf4 base (QLoRA-style), 5 steps (CUDA only).
   fsdp_1gpu       --trainer.strategy=fsdp (FSDP1) on one GPU, 3 steps (CUDA only).
   grad_ckpt       non-reentrant gradient checkpointing: the same loss, gradients and queues as without.
