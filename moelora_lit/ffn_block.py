@@ -89,7 +89,10 @@ class MixLoRAFFN(RoutedAdapter):
         shape, tokens = x.shape, x.numel() // self.hidden
         x_flat = x.reshape(tokens, self.hidden)                                        # (T, H)
         mask = self._real_tokens(tokens, x.device)
-        logits = self.router(x_flat.float())                                           # (T, N) float32
+        # Routed in float32 at least (MixLoRA), whatever dtype the block was cast to after injection (bf16-true
+        # precision, model.double()): the router's weight follows such a cast, the input must match it.
+        router_dtype = torch.promote_types(self.router.weight.dtype, torch.float32)
+        logits = F.linear(x_flat.to(router_dtype), self.router.weight.to(router_dtype))   # (T, N)
         gates, chosen = route(logits, "topk", c.top_k, n, tokens, x_flat)             # (T, N), (T, K)
         weights = gates.gather(1, chosen)                                              # (T, K)
         placement = F.one_hot(chosen, n).to(self.lora_B["down_proj"].weight.dtype)[..., None]  # (T, K, N, 1)

@@ -135,8 +135,11 @@ def _ffn_blocks(model: nn.Module, targets: list[tuple[str, nn.Module]]) -> dict[
                              f"act_fn (Llama, Mistral, Qwen2, SmolLM2); {parent_name} is a {type(parent).__name__}")
         blocks[parent_name] = parent
     if not blocks:
+        kinds = sorted({type(model.get_submodule(n.rpartition(".")[0])).__name__ for n, _ in targets if "." in n})
         raise ValueError(f"MoELoRAConfig.placement='ffn_block': target_modules={config_targets(targets)} name no "
-                         "gate_proj, up_proj or down_proj; add them (MixLoRA's experts are the FFN blocks)")
+                         f"gate_proj, up_proj or down_proj (the targets' blocks here: {', '.join(kinds) or 'none'}); "
+                         "MixLoRA's experts are gated MLPs with gate_proj, up_proj, down_proj and act_fn (Llama, "
+                         "Mistral, Qwen2, SmolLM2): target those")
     return blocks
 
 

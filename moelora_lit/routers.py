@@ -26,7 +26,7 @@ def route(
         gates = weights / weights.sum(-1, keepdim=True)
         return gates, torch.arange(num_experts, device=like.device).expand(tokens, num_experts)
     assert logits is not None
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))   # float32 at least; float64 stays
     if router == "dense":
         return logits.softmax(-1), torch.arange(num_experts, device=like.device).expand(tokens, num_experts)
     if noise_std is not None:                                           # noisy top-k, training only
@@ -44,8 +44,9 @@ def implicit_route(projection: Tensor, bias: Tensor, top_k: int) -> tuple[Tensor
         gates: (T, r) ``1 / top_k`` on the kept ranks (the routing statistics' gates), zero elsewhere.
         chosen: (T, top_k) the kept ranks.
     """
-    chosen = (projection.detach().float() + bias.float()).topk(top_k, dim=-1).indices       # (T, k)
-    gates = torch.zeros(projection.shape, device=projection.device, dtype=torch.float32)
+    dtype = torch.promote_types(projection.dtype, torch.float32)          # float32 at least; float64 stays
+    chosen = (projection.detach().to(dtype) + bias.to(dtype)).topk(top_k, dim=-1).indices   # (T, k)
+    gates = torch.zeros(projection.shape, device=projection.device, dtype=dtype)
     return gates.scatter(-1, chosen, 1.0 / top_k), chosen
 
 
