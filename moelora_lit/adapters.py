@@ -69,7 +69,8 @@ class MoELoRAAdapters:
         weights = {"contrastive": config.contrastive_weight, "balance": config.balance_weight,
                    "z": config.z_loss_weight}
         per_layer = [layer.aux_losses for layer in self.layers]
-        if (model.training and any(weights.values()) and not self._checked_checkpointing
+        fly = any(getattr(layer, "layout", None) == "fly" for layer in self.layers)   # its bias needs the counts
+        if (model.training and (any(weights.values()) or fly) and not self._checked_checkpointing
                 and any(not terms for terms in per_layer)):
             check_checkpointing(model)  # a training forward left no terms: find out why (one module walk, once)
             self._checked_checkpointing = True
@@ -154,8 +155,8 @@ def check_checkpointing(model: nn.Module) -> None:
         if enabled and getattr(func, "keywords", {}).get("use_reentrant", True):
             raise ValueError(
                 f"{name or type(model).__name__} uses reentrant gradient checkpointing (use_reentrant=True), "
-                "which drops MoELoRA's contrastive, balance and z losses. Enable it with "
-                "gradient_checkpointing_kwargs={'use_reentrant': False} (model.gradient_checkpointing=true "
+                "which drops MoELoRA's contrastive, balance and z losses and FlyLoRA's rank-bias update. Enable it "
+                "with gradient_checkpointing_kwargs={'use_reentrant': False} (model.gradient_checkpointing=true "
                 "does), or set the auxiliary loss weights to 0."
             )
 

@@ -433,6 +433,16 @@ def test_flylora_bias_update_is_not_repeated_by_a_checkpoint_recomputed_forward(
         torch.testing.assert_close(b.lora_B.weight.grad, a.lora_B.weight.grad, atol=1e-6, rtol=1e-5, msg=name)
 
 
+def test_flylora_refuses_reentrant_checkpointing_which_would_silently_freeze_its_bias():
+    from moelora_lit.training_step import step_loss
+
+    model = build("flylora").train()
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": True})
+    out = model(**token_batch())                       # reentrant: the first forward runs without autograd
+    with pytest.raises(ValueError, match="use_reentrant.*rank-bias|rank-bias.*use_reentrant"):
+        step_loss(model, out.loss)
+
+
 def test_flylora_bias_is_identical_on_every_rank_and_follows_the_summed_counts():
     ranks = [build("flylora").train(), build("flylora").train()]
     batches = [token_batch(batch=2, seq=8, seed=0, pad=3), token_batch(batch=2, seq=8, seed=1, pad=1)]
