@@ -16,11 +16,11 @@ Two counts of an adapter:
 - method's own work (``executed=False``, the default, and what ``benchmarks/bench.py`` uses for its FLOP ratio and
   ``efficiency_vs_peft_lora``): only the experts a token is routed to run (top-k for sparse routers, all N for
   dense and random ones); FlyLoRA's B over its k active ranks.
-- executed (``executed=True``): what the package's layers run. The layouts in ``dense_layouts`` (by default all)
-  compute every expert densely: ``MoELoRALinear`` runs A over all its rows and B over all its columns and applies
-  the gates in between (FlyLoRA: B over all r ranks); MixLoRA's FFN linears run A over all N experts (once per
-  token for gate and up, whose input is shared, once per selected slot for down) and, per slot, B over all N*r
-  columns through a one-hot placement. ``tests/test_flops.py`` holds this count to ``FlopCounterMode``.
+- executed (``executed=True``): what the package's layers run. The layouts in ``dense_layouts`` (by default those
+  of ``MoELoRALinear``) compute every expert densely: ``MoELoRALinear`` runs A over all its rows and B over all its
+  columns and applies the gates in between (FlyLoRA: B over all r ranks). MixLoRA's FFN linears (``ffn_expert``)
+  run only the selected experts (the (token, slot) pairs sorted by expert, one matmul pair per expert), so their
+  executed count is the method's own. ``tests/test_flops.py`` holds this count to ``FlopCounterMode``.
 
 Per-module arithmetic (``in -> out``, rank ``r``, N experts, k = top-k), forward:
 
@@ -55,9 +55,9 @@ AUX_KEYS = ("contrastive_weight", "contrastive_queue_size", "balance_weight", "b
 TRAINED_ROUTERS = ("topk", "dense", "noisy", "block")
 ALL_EXPERT_ROUTERS = ("dense", "random")  # every gate is non-zero: every expert runs
 CONTRASTIVE_LAYOUTS = ("slices", "independent", "ffn_expert")
-# Computed densely by the package's layers: A and B over every expert's ranks, gates applied between (MoELoRALinear);
-# MixLoRA's A over all N experts and, per selected slot, B over all N*r columns through a one-hot placement.
-DENSE_LAYOUTS = ("slices", "independent", "shared_a", "fly", "ffn_expert")
+# Computed densely by the package's layers: A and B over every expert's ranks, gates applied between (MoELoRALinear).
+# MixLoRA's FFN experts (ffn_expert) run the selected experts only.
+DENSE_LAYOUTS = ("slices", "independent", "shared_a", "fly")
 
 
 def matmul(tokens: float, a: int, b: int) -> float:
@@ -97,10 +97,6 @@ def module_flops(module: dict, executed: bool = False, dense_layouts: tuple[str,
     if layout == "slices":
         ranks = m * r // n
         parts += [_linear(matmul(1, fan_in, ranks), True), _linear(matmul(1, ranks, fan_out), True)]
-    elif layout == "ffn_expert" and executed and layout in dense_layouts:
-        k = min(int(module.get("top_k") or n), n)
-        slots_in = k if str(module.get("name", "")).endswith("down_proj") else 1  # gate/up share the block input
-        parts += [_linear(slots_in * matmul(1, fan_in, n * r), True), _linear(k * matmul(1, n * r, fan_out), True)]
     elif layout in ("independent", "ffn_expert"):
         parts += [_linear(m * (matmul(1, fan_in, r) + matmul(1, r, fan_out)), True)]
     elif layout == "shared_a":
