@@ -118,11 +118,11 @@ class MoELoRAConfig:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             fail("contrastive_max_anchors", "must be a positive integer, or null to score every anchor")
         counts = self.expert_counts
-        if self.expert_layout == "slices" and any(self.r % n for n in counts):
+        if self.layout == "slices" and any(self.r % n for n in counts):
             n = next(n for n in counts if self.r % n)
             fail("r", f"must be divisible by num_experts={n} (each expert owns r/N ranks); "
                       f"try r={n * max(1, round(self.r / n))}")
-        if self.expert_layout == "fly":
+        if self.layout == "fly":
             if self.top_k > self.r:
                 fail("top_k", f"must be <= r={self.r} (FlyLoRA keeps top_k of the r ranks)")
         elif self.top_k > min(counts):
@@ -167,41 +167,47 @@ class MoELoRAConfig:
         """The method, its layout, placement and router, and the expert count (before the numeric checks)."""
         if self.method not in METHODS:
             fail("method", f"unknown method; choose one of {', '.join(METHODS)}")
-        if self.expert_layout is None:
-            self.expert_layout = DEFAULT_LAYOUT[self.method]
-        if self.placement is None:
-            self.placement = DEFAULT_PLACEMENT.get(self.method, "linear")
-        if self.expert_layout not in LAYOUTS:
+        if self.expert_layout is not None and self.expert_layout not in LAYOUTS:
             fail("expert_layout", f"unknown layout; choose one of {', '.join(LAYOUTS)}")
-        if self.placement not in PLACEMENTS:
+        if self.placement is not None and self.placement not in PLACEMENTS:
             fail("placement", f"unknown placement; choose one of {', '.join(PLACEMENTS)}")
         if self.router not in ROUTERS:
             fail("router", f"unknown router; choose one of {', '.join(ROUTERS)}")
-        allowed = LAYOUT_ROUTERS[self.expert_layout]
+        allowed = LAYOUT_ROUTERS[self.layout]
         if self.router not in allowed:
-            fail("router", f"the {self.expert_layout} layout cannot use this router; "
+            fail("router", f"the {self.layout} layout cannot use this router; "
                            f"choose one of {', '.join(allowed)}")
-        if self.placement == "ffn_block" and self.expert_layout != "independent":
+        if self.block_placement == "ffn_block" and self.layout != "independent":
             fail("placement", "ffn_block experts are independent LoRAs; set expert_layout: independent")
         counts = self.num_experts if isinstance(self.num_experts, list) else [self.num_experts]
         if not counts or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in counts):
             fail("num_experts", "must be a positive integer or a non-empty list of them (one per depth group)")
-        if isinstance(self.num_experts, list) and self.placement == "ffn_block":
+        if isinstance(self.num_experts, list) and self.block_placement == "ffn_block":
             fail("num_experts", "a per-block list needs placement: linear")
 
     def _check_family_terms(self, fail) -> None:
         """Which auxiliary terms the layout and router can compute."""
-        if self.contrastive_weight > 0 and self.expert_layout not in CONTRASTIVE_LAYOUTS:
-            fail("contrastive_weight", f"must be 0 for the {self.expert_layout} layout: its experts have no "
+        if self.contrastive_weight > 0 and self.layout not in CONTRASTIVE_LAYOUTS:
+            fail("contrastive_weight", f"must be 0 for the {self.layout} layout: its experts have no "
                                        "representations of their own (layouts with them: "
                                        f"{', '.join(CONTRASTIVE_LAYOUTS)})")
-        if self.contrastive_weight > 0 and self.placement == "ffn_block":
+        if self.contrastive_weight > 0 and self.block_placement == "ffn_block":
             fail("contrastive_weight", "must be 0 with placement ffn_block (its experts are whole FFNs)")
         if self.balance_loss == "localized" and self.balance_weight > 0 and min(self.expert_counts) % 2:
             fail("num_experts", "must be even for balance_loss localized (two expert groups of N/2)")
         for name in ("localized_delta", "bias_update_rate"):
             if not 0 <= float(getattr(self, name)) < float("inf"):
                 fail(name, "must be a finite number >= 0")
+
+    @property
+    def layout(self) -> str:
+        """The expert layout: ``expert_layout``, or the method's own when that is None."""
+        return self.expert_layout or DEFAULT_LAYOUT[self.method]
+
+    @property
+    def block_placement(self) -> str:
+        """The placement: ``placement``, or the method's own when that is None."""
+        return self.placement or DEFAULT_PLACEMENT.get(self.method, "linear")
 
     @property
     def expert_counts(self) -> list[int]:
@@ -222,15 +228,15 @@ class MoELoRAConfig:
     def expert_rank(self) -> int:
         """Rank of one expert: ``r / N`` for ``slices`` (the first group's N), 1 for ``fly`` (a rank is an expert),
         else ``r``."""
-        if self.expert_layout == "slices":
+        if self.layout == "slices":
             return self.r // self.expert_counts[0]
-        return 1 if self.expert_layout == "fly" else self.r
+        return 1 if self.layout == "fly" else self.r
 
     @property
     def scaling(self) -> float:
         """``alpha / s`` for ``slices`` as in the MoELoRA author code (LoRA's ``alpha / r`` at N = 1), else
         ``alpha / r``."""
-        if self.expert_layout == "slices":
+        if self.layout == "slices":
             return self.lora_alpha / self.expert_rank
         return self.lora_alpha / self.r
 

@@ -77,7 +77,7 @@ def inject_moelora(model: nn.Module, config: MoELoRAConfig) -> list[str]:
             f"{type(model).__name__}. Linear layers here end in: {', '.join(suffixes)} "
             f"(for example {linear[0] if linear else 'none'}). Set model.adapter.target_modules to some of them."
         )
-    blocks = _ffn_blocks(model, targets) if config.placement == "ffn_block" else {}
+    blocks = _ffn_blocks(model, targets) if config.block_placement == "ffn_block" else {}
     num_blocks = max((i + 1 for i in map(block_index, (n for n, _ in targets)) if i is not None), default=None)
     per_layer = {n: config.experts_at(block_index(n), num_blocks) for n, _ in targets}   # raises on a long list
     lora = dataclasses.replace(config, method="lora", expert_layout="slices", placement="linear", num_experts=1,

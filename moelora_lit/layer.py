@@ -31,7 +31,7 @@ def base_features(base_layer: nn.Module) -> tuple[int, int]:
 
 
 class MoELoRALinear(RoutedAdapter):
-    """A frozen linear layer plus a mixture of LoRA experts, in the layout ``config.expert_layout``.
+    """A frozen linear layer plus a mixture of LoRA experts, in the layout ``config.layout``.
 
     Every layout computes ``y = W0 x + B flatten(e * g[..., None] * scaling)`` with ``e`` (T, N, s) the experts'
     projections of ``dropout(x)``: ``slices`` (MoELoRA) and ``independent`` (LoRAMoE, MoLA) read them from one A of
@@ -48,7 +48,7 @@ class MoELoRALinear(RoutedAdapter):
     adapter_module_names: tuple[str, ...] = ("lora_A", "lora_B", "router", "router_noise", "rank_bias")
 
     def __init__(self, base_layer: nn.Module, config: MoELoRAConfig, num_experts: int | None = None) -> None:
-        layout = config.expert_layout
+        layout = config.layout
         n = config.r if layout == "fly" else (num_experts or config.expert_counts[0])
         super().__init__(config, n)
         self.in_features, self.out_features = base_features(base_layer)
