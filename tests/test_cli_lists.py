@@ -69,7 +69,8 @@ def test_a_command_line_list_replaces_the_config_entries_whole(tmp_path: Path, a
 
 def test_no_field_of_an_earlier_entry_survives(tmp_path: Path, arc_file: str) -> None:
     every = {"name": "arc_e", "path": arc_file, "hub_id": "allenai/ai2_arc", "hub_config": "ARC-Easy",
-             "split": "validation", "limit": 5, "alias": "earlier", "offset": 2, "response": "option_first"}
+             "split": "validation", "limit": 5, "alias": "earlier", "offset": 2, "response": "option_first",
+             "task_group": 1}
     assert set(every) == {f.name for f in dataclasses.fields(DatasetSpec)}
     stacked = tmp_path / "stacked.yaml"
     stacked.write_text(json.dumps({"data": {"test": [every], "val": [every]}}))

@@ -47,7 +47,7 @@ def test_tiny_ablation_sweeps_on_validation_and_writes_the_committed_layout(tmp_
     assert set(df[df.method == "moelora"]["lr"]) == {chosen["chosen"]["moelora"]["lr"]}
     params = df.groupby("method")["trainable_params"].first()
     assert params["moelora"] == params["moelora_no_contrastive"] > params["lora"] == params["lora_scaled"]
-    assert params["lora"] > params["moelora_random_router"]
+    assert params["lora"] == params["moelora_random_router"]   # a rank-r LoRA's parameters, neither has a router
     summaries = analysis.load_summaries(results / "ablation_routing")
     assert {m for m, _ in summaries} == {"moelora", "moelora_no_contrastive", "moelora_random_router"}
     one = summaries[("moelora", 1)]

@@ -83,9 +83,17 @@ class MoELoRACLI(LightningCLI):
         return parser
 
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
-        if args is None or isinstance(args, (list, tuple)):  # a dict or Namespace has no command-line order
-            args = replace_whole_lists(sys.argv[1:] if args is None else args)
-        super().parse_arguments(parser, args)
+        if isinstance(args, (list, tuple)):  # a dict or Namespace has no command-line order
+            args = replace_whole_lists(args)
+        if args is None:  # the command line itself, rewritten in place (Lightning warns when given both)
+            saved = sys.argv
+            sys.argv = [saved[0], *replace_whole_lists(saved[1:])]
+            try:
+                super().parse_arguments(parser, None)
+            finally:
+                sys.argv = saved
+        else:
+            super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
         if subcommand:  # LightningCLI reads the checkpoint's hyper-parameters next (weights_only=True): check first
             check_checkpoint(self.config[subcommand].get("ckpt_path"))
