@@ -116,14 +116,15 @@ def full_adapter_tensors(model: nn.Module, write_back: bool = False) -> Iterator
 
     swapped: list[tuple[nn.Module, str, DTensor]] = []
     for _, layer in moelora_layers(model):
-        for child_name, child in layer.named_children():
+        for child_name, top in layer.named_children():
             if child_name not in layer.adapter_module_names:
                 continue
-            for name, param in list(child._parameters.items()):
-                if isinstance(param, DTensor):
-                    full = nn.Parameter(param.full_tensor().detach(), requires_grad=False)   # (out, in) whole
-                    child._parameters[name] = full
-                    swapped.append((child, name, param))
+            for child in top.modules():   # a MixLoRA block keeps its projections' adapters in ModuleDicts
+                for name, param in list(child._parameters.items()):
+                    if isinstance(param, DTensor):
+                        full = nn.Parameter(param.full_tensor().detach(), requires_grad=False)   # (out, in) whole
+                        child._parameters[name] = full
+                        swapped.append((child, name, param))
     try:
         yield
     finally:
