@@ -1,0 +1,423 @@
+"""The SmolLM2-135M methods study: the mixture-of-LoRA family, parameter-matched and tuned alike (see README.md).
+
+    python experiments/studies/smollm2_methods/driver.py all [--jobs 2] [--out DIR]   # resumable, in priority order
+    python experiments/studies/smollm2_methods/driver.py status     # what is done, chosen, left (and its cost)
+    python experiments/studies/smollm2_methods/driver.py fold --out DIR   # records from DIR's run folders, then tables
+    python experiments/studies/smollm2_methods/driver.py table      # results/ tables from the committed records
+    python experiments/studies/smollm2_methods/driver.py routing    # results/routing/ tables and figure
+    python experiments/studies/smollm2_methods/driver.py params     # results/params.csv (describe, meta device)
+    python experiments/studies/smollm2_methods/driver.py steptime   # results/step_times.csv (a few steps per arm)
+
+The arms are data (``arms.yaml``: stacked presets, grids, ranks); the protocol is smollm2_commonsense's
+(``experiments/studies/smollm2_commonsense/moelora.yaml``), whose committed records (``runs.csv``,
+``examples.csv.gz``, ``routing/``) give the arms it already ran (zero-shot, LoRA, MoELoRA, MoELoRA without the
+contrastive loss); they are read from there, not copied. This study's own records in ``results/`` hold the new arms.
+The machinery is :mod:`moelora_lit.analysis` (``study``: grids and choices, ``runner``: jobs, ``records``: tables).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[3]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+import yaml  # noqa: E402
+
+from moelora_lit.analysis import records, routing  # noqa: E402
+from moelora_lit.analysis.logs import newest  # noqa: E402
+from moelora_lit.analysis.runner import Job, portable, run_jobs  # noqa: E402
+from moelora_lit.analysis.stats import paired_t  # noqa: E402
+from moelora_lit.analysis.study import Arm, Evaluation, Study  # noqa: E402
+
+HERE = Path(__file__).resolve().parent.relative_to(ROOT)  # configs are named relative to the repository root
+RESULTS = ROOT / HERE / "results"
+OLD_RESULTS = ROOT / "experiments" / "studies" / "smollm2_commonsense" / "results"  # the reused arms' records
+ARMS_FILE = ROOT / HERE / "arms.yaml"
+METHODS = ["zero_shot", "lora", "moelora", "moelora_no_contrastive", "loramoe", "hydralora", "mola", "flylora",
+           "mixlora"]
+SEEDS = (0, 1, 2)
+METRIC = "val/loss"  # the mean over the three validation slices' response loss after the epoch; lower is better
+LOGLIK = ("--model.scoring=loglikelihood",)
+EVALUATIONS = [Evaluation("loglikelihood-training", (*LOGLIK, "--model.loglik_prompt=training")),
+               Evaluation("loglikelihood-harness", (*LOGLIK, "--model.loglik_prompt=harness"), trained=False),
+               Evaluation("generate", limit=200)]  # the same three as smollm2_commonsense (harness: base only)
+SCORED = {"loglikelihood-training": ("loglikelihood", "training"), "generate": ("generate", "training")}
+SETS = {"arc_e": "ARC-Easy", "boolq": "BoolQ", "piqa": "PIQA (transfer)"}
+TABLES = [(("loglikelihood-training",), "acc", "Log-likelihood scoring in the training prompt, `acc`"),
+          (("loglikelihood-training",), "acc_norm", "Log-likelihood scoring, `acc_norm` (per-character normalised)"),
+          (("generate",), "acc", "Generation (greedy, first 200 rows of each set; the first line must name an option)")]
+CSV_COLUMNS = ["method", "seed", "dataset", "scoring", "prompt", "acc", "acc_norm", "n", "lr", "trainable_params"]
+STEPS = 240  # one epoch of 1920 rows in batches of 8
+
+
+def read_arms(path: Path = ARMS_FILE) -> dict[str, dict]:
+    """``arms.yaml``: arm -> ``{configs, grid, follow, rank, reused}``."""
+    return yaml.safe_load(path.read_text())
+
+
+def arms(table: dict[str, dict] | None = None) -> dict[str, Arm]:
+    table = table or read_arms()
+    return {name: Arm(tuple(spec["configs"]), grid={k: tuple(str(v) for v in vs)
+                                                    for k, vs in (spec.get("grid") or {}).items()},
+                      follow=spec.get("follow")) for name, spec in table.items()}
+
+
+def comparisons(names: list[str]) -> list[tuple[str, str, None]]:
+    """Every arm minus LoRA and minus MoELoRA (and LoRA minus zero-shot, the sanity check)."""
+    out = [("lora", "zero_shot", None)]
+    out += [(a, "lora", None) for a in names if a != "lora"]
+    out += [(a, "moelora", None) for a in names if a not in ("lora", "moelora")]
+    return out
+
+
+def read_runs(*paths: Path) -> pd.DataFrame | None:
+    frames = [pd.read_csv(p) for p in paths if p.is_file()]
+    return pd.concat(frames, ignore_index=True) if frames else None
+
+
+def combined_record(results: Path = RESULTS, old: Path = OLD_RESULTS) -> pd.DataFrame:
+    """The reused arms' per-example record and this study's, as one record."""
+    frames = [records.read_record(old / "examples.csv.gz"), records.read_record(results / "examples.csv.gz")]
+    return records.normalise(pd.concat([f for f in frames if len(f)] or frames[:1], ignore_index=True))
+
+
+def build(out: Path, results: Path = RESULTS, old: Path = OLD_RESULTS) -> Study:
+    """The study over the run folders under ``out`` and the committed records (the old study's and this one's)."""
+    record = combined_record(results, old)
+    runs_evaluated = record[["method", "seed", "evaluation"]].drop_duplicates().itertuples(index=False)
+    done = {(m, None if pd.isna(s) else int(s), e) for m, s, e in runs_evaluated}
+    return Study(arms(), out, SEEDS, METRIC, higher_is_better=False, evaluations=EVALUATIONS, zero_shot_arm="lora",
+                 record=read_runs(old / "runs.csv", results / "runs.csv"), done_evaluations=done)
+
+
+def save_records(study: Study, results: Path = RESULTS, job: Job | None = None, old: Path = OLD_RESULTS) -> None:
+    """Take this study's finished runs, evaluations, routing probes and the job's command into ``results``
+    (rows the old study's records already hold stay there)."""
+    results.mkdir(parents=True, exist_ok=True)
+    old_runs = read_runs(old / "runs.csv")
+    known = set() if old_runs is None else set(zip(old_runs["variant"], old_runs["lr"].astype(float), old_runs["seed"]))
+    runs = study.training_record()
+    runs = runs[[(v, float(lr), int(s)) not in known for v, lr, s in zip(runs["variant"], runs["lr"], runs["seed"])]]
+    runs.to_csv(results / "runs.csv", index=False)
+    frames = [records.read_record(results / "examples.csv.gz")]
+    for path in sorted(study.out.rglob("eval/*/**/predictions.jsonl")):
+        parts = path.relative_to(study.out).parts
+        evaluation = parts[parts.index("eval") + 1]
+        method, seed = ("zero_shot", None) if parts[0] == "zero_shot" else (parts[1].split("-")[0], int(parts[3][4:]))
+        frames.append(records.from_predictions(path, method, seed, evaluation))
+    records.write_record(pd.concat([f for f in frames if len(f)] or frames[:1]), results / "examples.csv.gz")
+    for arm in study.arms:
+        chosen = study.choice(arm)
+        for seed in SEEDS if chosen else ():
+            probe = newest(study.run_folder(chosen[0], chosen[2], seed), "routing_probe.json")
+            if probe is not None:
+                (results / "routing").mkdir(exist_ok=True)
+                payload = json.loads(probe.read_text())
+                for state in ("step0", "trained"):
+                    payload[state].pop("use", None)  # per-task expert use: not read by the study's analysis
+                (results / "routing" / f"{arm}_seed{seed}.json").write_text(json.dumps(payload))
+    if job is not None:  # the command without the --ckpt_path of a resumed attempt
+        commands = results / "commands.txt"
+        lines = commands.read_text().splitlines() if commands.is_file() else []
+        line = re.sub(r" --ckpt_path \S+", "", portable(job.command))
+        commands.write_text("\n".join(dict.fromkeys([*lines, line])) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------- tables
+def choices(study: Study) -> dict[str, dict]:
+    out = {}
+    for arm in study.arms:
+        if (chosen := study.choice(arm)) is not None:
+            out[arm] = {"variant": chosen[0], "lr": chosen[2]} | {k: v for k, v in chosen[1].items()}
+    return out
+
+
+def grid_table(study: Study, results: Path = RESULTS) -> pd.DataFrame:
+    """Every training run of every arm with its validation loss, and which (variant, lr) the arm chose."""
+    picked = choices(study)
+    runs = study.training_record()
+    runs.insert(0, "arm", runs["variant"].str.split("-").str[0])
+    runs = runs[runs["arm"].isin(study.arms)]
+    runs["chosen"] = [int(a in picked and picked[a]["variant"] == v and float(picked[a]["lr"]) == float(lr))
+                      for a, v, lr in zip(runs["arm"], runs["variant"], runs["lr"])]
+    order = {a: i for i, a in enumerate(study.arms)}
+    runs = runs.sort_values(["arm", "variant", "lr", "seed"], key=lambda s: s.map(order) if s.name == "arm" else s)
+    return runs.rename(columns={"score": "val_loss"}).reset_index(drop=True)
+
+
+def result_rows(record: pd.DataFrame, picked: dict[str, dict], params: dict[str, int]) -> pd.DataFrame:
+    """``methods_commonsense.csv``: one row per arm, seed, dataset and scoring (:data:`CSV_COLUMNS`)."""
+    table = records.accuracy(record[record["evaluation"].isin(SCORED)])
+    table = table[table["method"].isin(METHODS)]
+    table["scoring"] = table["evaluation"].map(lambda e: SCORED[e][0])
+    table["prompt"] = table["evaluation"].map(lambda e: SCORED[e][1])
+    table["lr"] = table["method"].map(lambda m: picked.get(m, {}).get("lr"))
+    table["trainable_params"] = table["method"].map(lambda m: params.get(m, 0 if m == "zero_shot" else None))
+    table["trainable_params"] = table["trainable_params"].astype("Int64")
+    table["method"] = pd.Categorical(table["method"], METHODS)
+    table = table.sort_values(["method", "seed", "dataset", "scoring"], na_position="first")
+    return table[CSV_COLUMNS].reset_index(drop=True)
+
+
+def answer(summary: dict, runs: pd.DataFrame, params: dict[str, int], picked: dict[str, dict]) -> str:
+    """The plain answer: each arm against a tuned LoRA (log-likelihood, training prompt), with its cost."""
+    steps = runs.groupby("arm")["s_per_step"].median()
+    lines = ["### Against a tuned LoRA (log-likelihood, training prompt, `acc`, examples paired over shared seeds)",
+             "", "| arm | seeds | ARC-Easy | BoolQ | PIQA (transfer) | beats LoRA on | trainable / LoRA's | "
+             "s/step / LoRA's (median of runs) |", "|---" * 8 + "|"]
+    for arm in METHODS[2:]:
+        rows = {r["dataset"]: r for r in summary["paired"] if r["a"] == arm and r["b"] == "lora"
+                and r["evaluation"] == "loglikelihood-training"}
+        if not rows:
+            continue
+        cells, wins = [], []
+        for d in SETS:
+            e = rows.get(d, {}).get("examples_paired")
+            cells.append(records.points(e["t95"][0], e["diff"], e["t95"][1], "+") if e else "-")
+            if e and e["t95"][0] > 0:
+                wins.append(SETS[d])
+        seeds = len(next(iter(rows.values()))["examples_paired"].get("seeds", []))
+        ratio = params[arm] / params["lora"] if arm in params and "lora" in params else float("nan")
+        time_ratio = steps.get(arm, np.nan) / steps.get("lora", np.nan)
+        lines.append(f"| {arm} | {seeds} | " + " | ".join(cells) + f" | {', '.join(wins) or 'none'} | {ratio:.2f} | "
+                     f"{time_ratio:.2f} |")
+    return "\n".join(lines) + "\n\nPoints, a minus LoRA, 95% t interval over the paired test examples; 'beats' = the " \
+                              "interval above 0.\n"
+
+
+def read_params(results: Path = RESULTS) -> dict[str, int]:
+    path = results / "params.csv"
+    return dict(zip(*pd.read_csv(path)[["arm", "trainable_params"]].T.values)) if path.is_file() else {}
+
+
+def write_tables(study: Study, results: Path = RESULTS, out: Path | None = None, old: Path = OLD_RESULTS) -> None:
+    """``methods_commonsense.csv``, ``methods_grid.csv``, ``summary.json`` and ``table.md`` from the committed
+    records (into ``out``)."""
+    out = out or results
+    out.mkdir(parents=True, exist_ok=True)
+    record = combined_record(results, old)
+    record = record[record["method"].isin(METHODS)]
+    picked, params = choices(study), {k: int(v) for k, v in read_params(results).items()}
+    result_rows(record, picked, params).to_csv(out / "methods_commonsense.csv", index=False)
+    grid = grid_table(study, results)
+    grid.to_csv(out / "methods_grid.csv", index=False)
+    scored = record[record["evaluation"].isin(SCORED)]
+    summary = records.summarise(scored, comparisons([m for m in METHODS[1:] if m in set(scored["method"])]))
+    payload = {"choices": picked, "trainable_params": params} | summary
+    text = json.dumps(payload, indent=1, default=lambda v: None if pd.isna(v) else float(v))
+    (out / "summary.json").write_text(text + "\n")
+    body = records.markdown(summary, SETS, TABLES) if len(scored) else "No evaluation recorded yet.\n"
+    (out / "table.md").write_text(answer(summary, grid, params, picked) + "\n" + body)
+    print(f"tables from {len(record)} examples -> {out}")
+
+
+# ------------------------------------------------------------------------------------------------ routing
+def load_probes(results: Path = RESULTS, old: Path = OLD_RESULTS) -> dict[tuple[str, int], dict]:
+    probes = routing.load_summaries(old / "routing") | routing.load_summaries(results / "routing")
+    return {k: v for k, v in probes.items() if k[0] in METHODS}
+
+
+def block_of(layer: str) -> int:
+    return int(re.search(r"layers\.(\d+)\.", layer).group(1))
+
+
+def routing_tables(probes: dict[tuple[str, int], dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(per arm: layer-mean specialisation at step 0 and trained, the permutation null, and trained minus step 0
+    paired over seeds; per arm and block: trained minus step 0 and step 0 minus its null, means over seeds)."""
+    spec = routing.specialisation_table(probes)
+    rows = []
+    for method in [m for m in METHODS if m in set(spec["method"])]:
+        part = spec[spec["method"] == method].pivot_table(index="seed", columns="state",
+                                                          values=["specialisation", "null", "p", "layers_p05"])
+        gain = paired_t(part[("specialisation", "trained")], part[("specialisation", "step0")])
+        over_null = paired_t(part[("specialisation", "step0")], part[("null", "step0")])
+        layers = len(next(v for k, v in probes.items() if k[0] == method)["layers"])
+        rows.append({"method": method, "seeds": len(part), "routed_layers": layers,
+                     "step0": part[("specialisation", "step0")].mean(), "step0_null": part[("null", "step0")].mean(),
+                     "step0_minus_null": over_null["diff"], "step0_minus_null_low": over_null["low"],
+                     "step0_minus_null_high": over_null["high"],
+                     "step0_layers_p05": part[("layers_p05", "step0")].mean(),
+                     "trained": part[("specialisation", "trained")].mean(),
+                     "trained_null": part[("null", "trained")].mean(),
+                     "trained_layers_p05": part[("layers_p05", "trained")].mean(),
+                     "gain": gain["diff"], "gain_low": gain["low"], "gain_high": gain["high"], "gain_p": gain["p"]})
+    depth = []
+    for (method, seed), s in probes.items():
+        for layer, a, b, null in zip(s["layers"], s["trained"]["specialisation"], s["step0"]["specialisation"],
+                                     s["step0"]["null_mean"], strict=True):
+            depth.append({"method": method, "seed": seed, "block": block_of(layer), "gain": a - b,
+                          "step0_over_null": b - null})
+    depth = pd.DataFrame(depth, columns=["method", "seed", "block", "gain", "step0_over_null"])
+    depth = depth.groupby(["method", "block", "seed"]).mean().groupby(["method", "block"]).agg(
+        gain=("gain", "mean"), step0_over_null=("step0_over_null", "mean"), seeds=("gain", "size")).reset_index()
+    return pd.DataFrame(rows), depth
+
+
+def write_routing(results: Path = RESULTS, out: Path | None = None, figure: bool = True,
+                  old: Path = OLD_RESULTS) -> None:
+    """Per arm, routing against its untrained router and the permutation null (``routing_arms.csv``), per arm and
+    block (``routing_depth.csv``) and the figure of arms by depth (``routing_depth.png``)."""
+    out = out or results / "routing"
+    out.mkdir(parents=True, exist_ok=True)
+    probes = load_probes(results, old)
+    arms_table, depth = routing_tables(probes)
+    arms_table.to_csv(out / "routing_arms.csv", index=False, float_format="%.6g")
+    depth.to_csv(out / "routing_depth.csv", index=False, float_format="%.6g")
+    if figure and len(depth):
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
+        for method, block in depth.groupby("method", sort=False):
+            n = int(block["seeds"].max())
+            axes[0].plot(block["block"], block["gain"], marker=".", label=f"{method} (seeds {n})")
+            axes[1].plot(block["block"], block["step0_over_null"], marker=".", label=method)
+        axes[0].axhline(0, color="grey", lw=0.8)
+        axes[1].axhline(0, color="grey", lw=0.8)
+        axes[0].set(title="trained minus step 0 (task specialisation, bits)", xlabel="block", ylabel="JS bits")
+        axes[1].set(title="step 0 minus its permutation null", xlabel="block")
+        axes[0].legend(fontsize=7)
+        fig.suptitle("SmolLM2-135M methods study: routing of held-out rows by depth (mean over a block's routed "
+                     "layers and seeds)", fontsize=9)
+        fig.tight_layout()
+        fig.savefig(out / "routing_depth.png", dpi=110)
+    print(f"wrote routing_arms.csv, routing_depth.csv{', routing_depth.png' if figure else ''} to {out}")
+
+
+# ------------------------------------------------------------------------------------------ sizing phases
+def write_params(results: Path = RESULTS) -> pd.DataFrame:
+    """``params.csv``: each arm's trainable count (the configs built on the meta device) against LoRA r 32's."""
+    from moelora_lit.lightning.describe_run import describe_config
+
+    table = read_arms()
+    rows = []
+    for arm, spec in table.items():
+        args = [x for c in spec["configs"] for x in ("--config", c)]
+        d = describe_config(args)
+        rows.append({"arm": arm, "rank": spec["rank"], "trainable_params": d["trainable_params"]})
+    frame = pd.DataFrame(rows)
+    frame["ratio_to_lora"] = (frame["trainable_params"] / frame.loc[frame["arm"] == "lora", "trainable_params"].iloc[0]
+                              ).round(4)
+    frame.to_csv(results / "params.csv", index=False)
+    print(frame.to_string(index=False))
+    return frame
+
+
+def gflops(threads: int = 2, size: int = 1024, reps: int = 30) -> float:
+    """float32 ``size`` x ``size`` matmul GFLOPS at ``threads`` threads, best of 3 x ``reps``."""
+    import torch
+
+    torch.set_num_threads(threads)
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 * reps / best / 1e9
+
+
+def step_times(out: Path, jobs: int, steps: int = 8, results: Path = RESULTS) -> None:
+    """Seconds per training step of every arm (``steps`` steps, one thread each, ``jobs`` at a time): the median
+    of the wall-time differences of successive logged losses; ``step_times.csv`` and the machine's GFLOPS."""
+    from moelora_lit.analysis.logs import read_scalars, seconds_per_step
+    from moelora_lit.analysis.runner import fit_command
+
+    spec = arms()
+    variants = {name: Study.variant(name, {k: v[0] for k, v in a.grid.items()}) for name, a in spec.items()}
+    todo = []
+    for name, a in spec.items():
+        folder = out / "steptime" / variants[name]
+        extra = [f"--{k}={v[0]}" for k, v in a.grid.items()] + [
+            f"--trainer.max_steps={steps}", "--trainer.log_every_n_steps=1", "--test_after_fit=false",
+            "--trainer.limit_val_batches=0"]
+        todo.append(Job(f"steptime {name}", folder, fit_command(a.configs, folder, 0, extra),
+                        done=lambda f: newest(f, "adapter.safetensors") is not None))
+    before = gflops(2)
+    failed = run_jobs(todo, jobs=jobs, threads=1)
+    after = gflops(2)
+    rows = []
+    for name in spec:
+        adapter = newest(out / "steptime" / variants[name], "adapter.safetensors")
+        scalars = read_scalars(adapter.parents[1]) if adapter else None
+        rows.append({"arm": name, "steps": steps, "s_per_step": seconds_per_step(scalars) if adapter else None})
+    frame = pd.DataFrame(rows)
+    frame.to_csv(results / "step_times.csv", index=False)
+    note = (f"float32 1024x1024 matmul, 2 threads: {before:.0f} GFLOPS before, {after:.0f} after "
+            f"(load average {os.getloadavg()[0]:.1f}); {jobs} arm(s) at a time, 1 thread each\n")
+    (results / "step_times.txt").write_text(note)
+    print(frame.to_string(index=False), note, failed, sep="\n")
+
+
+# ------------------------------------------------------------------------------------------------- status
+def status(study: Study) -> None:
+    grid = grid_table(study)
+    print(grid.to_string(index=False))
+    for arm in study.arms:
+        print(f"choice {arm}: {study.choice(arm)}")
+    train, evals = study.train_jobs(), study.eval_jobs()
+    per_step = grid["s_per_step"].median() if len(grid) else 3.5
+    gen = sum("generate" in j.label for j in evals)
+    hours = (len(train) * STEPS * per_step + (len(evals) - gen) * 360 + gen * 540) / 3600
+    print(f"training runs left: {len(train)} (known now; a grid that must extend adds runs); evaluations left: "
+          f"{len(evals)} ({gen} generation); about {hours:.1f} core-hours left, {hours / 2:.1f} h on 2 cores")
+
+
+def ordered_jobs(study: Study, phase: str) -> list[Job]:
+    """Priority: the new arms' lr grids (first seed), log-likelihood evaluations, the other seeds, generation."""
+    train = study.train_jobs() if phase in ("train", "all") else []
+    evals = study.eval_jobs() if phase in ("evaluate", "all") else []
+    first = [j for j in train if j.meta["seed"] == SEEDS[0]]
+    later = [j for j in train if j.meta["seed"] != SEEDS[0]]
+    fast = [j for j in evals if "generate" not in j.label]
+    return first + fast + later + [j for j in evals if "generate" in j.label]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("phase", choices=["train", "evaluate", "all", "status", "fold", "table", "routing",
+                                          "params", "steptime"])
+    parser.add_argument("--out", type=Path, default=Path("runs/smollm2_methods"), help="run folders")
+    parser.add_argument("--jobs", type=int, default=1, help="runs at a time, one thread each")
+    args = parser.parse_args(argv)
+    os.chdir(ROOT)  # configs and their data paths are relative to the repository root
+    study = build(args.out)
+    if args.phase == "status":
+        status(study)
+    elif args.phase == "fold":  # what another checkout's driver finished under --out, into this checkout's records
+        save_records(study)
+        study = build(args.out)
+        write_tables(study)
+        write_routing()
+    elif args.phase == "table":
+        write_tables(study)
+    elif args.phase == "routing":
+        write_routing()
+    elif args.phase == "params":
+        write_params()
+    elif args.phase == "steptime":
+        step_times(args.out, args.jobs)
+    else:
+        def after(job: Job, finished: bool) -> None:
+            nonlocal study
+            save_records(study, job=job)
+            study = build(args.out)
+
+        return 1 if run_jobs(lambda: ordered_jobs(study, args.phase), jobs=args.jobs, threads=1, after=after) else 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
