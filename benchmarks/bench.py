@@ -40,6 +40,7 @@ from arithmetic import variant_flops  # noqa: E402
 from measure import (  # noqa: E402
     Variant,
     build_variants,
+    load_1min,
     make_batch,
     matmul_gflops,
     median,
@@ -48,7 +49,17 @@ from measure import (  # noqa: E402
     time_steps,
 )
 from memory import measure_memory, profile_step  # noqa: E402
-from presets import BASELINE, DEFAULT_VARIANTS, DESCRIPTIONS, GENERATE_VARIANTS, PRESETS, VARIANTS, Sizes, targets_for  # noqa: E402
+from presets import (  # noqa: E402
+    BASELINE,
+    DEFAULT_VARIANTS,
+    DESCRIPTIONS,
+    EFFICIENCY_TARGET,
+    GENERATE_VARIANTS,
+    PRESETS,
+    VARIANTS,
+    Sizes,
+    targets_for,
+)
 
 TARGETS = targets_for("default")  # the default preset's targets (kept for importers of bench.TARGETS)
 
@@ -104,7 +115,7 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown or BASELINE not in names:
         raise SystemExit(f"bench.py: --variants must include {BASELINE} and name only {', '.join(VARIANTS)}")
     t_start = time.perf_counter()
-    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    load_start = load_1min()
     gflops = matmul_gflops(device=device)
 
     unavailable: dict[str, str] | None = {} if args.skip_unavailable else None
@@ -120,7 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
         v.flops = variant_flops(v.model, v.model.config, s.seq, s.batch * s.seq, real)
     if args.flops_only:
         return print_flops(variants, unavailable or {})
-    time_steps(variants, batch, s, amp)
+    round_loads = time_steps(variants, batch, s, amp)
     for v in variants:
         v.memory = measure_memory(v, batch, amp)
     profile_rows = None
@@ -133,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["unavailable_variants"] = unavailable or {}
     result["matmul_gflops"] = gflops
     result["load_average_at_start"] = load_start
+    result["load_average_per_round"] = round_loads     # 1-minute load before each timed round
     busy = load_start is not None and device.type == "cpu" and load_start >= 0.5 * (os.cpu_count() or 1)
     result["machine_busy_at_start"] = busy
     print_report(result)
@@ -148,6 +160,7 @@ def variant_row(v: Variant, ref: Variant, s: Sizes, gen_tokens: dict) -> dict:
     q1, q3 = quartiles(v.step_ms)
     step = median(v.step_ms)
     paired = [a / b for a, b in zip(v.step_ms, ref.step_ms, strict=True)]  # each round against its own baseline
+    paired_cpu = [a / b for a, b in zip(v.step_cpu_ms, ref.step_cpu_ms, strict=True)]
     row = {
         "description": DESCRIPTIONS[v.name].format(**asdict(s)),
         "step_ms_median": step, "step_ms_min": min(v.step_ms), "step_ms_q1": q1, "step_ms_q3": q3,
@@ -156,6 +169,8 @@ def variant_row(v: Variant, ref: Variant, s: Sizes, gen_tokens: dict) -> dict:
         "step_cpu_ratio_vs_peft_lora": median(v.step_cpu_ms) / median(ref.step_cpu_ms),
         "step_time_ratio_vs_peft_lora": step / median(ref.step_ms),
         "paired_step_time_ratio_vs_peft_lora": median(paired),
+        "paired_step_time_ratios_all": paired,
+        "paired_step_cpu_ratio_vs_peft_lora": median(paired_cpu),
         **v.memory,
         "peak_memory_ratio_vs_peft_lora": v.memory["peak_memory_mb"] / ref.memory["peak_memory_mb"],
         "step_transient_ratio_vs_peft_lora": v.memory["step_transient_peak_mb"] / ref.memory["step_transient_peak_mb"],
@@ -165,11 +180,14 @@ def variant_row(v: Variant, ref: Variant, s: Sizes, gen_tokens: dict) -> dict:
         "executed_flop_ratio_vs_peft_lora": v.flops["step_flops_executed"] / ref.flops["step_flops_executed"],
     }
     row["efficiency_vs_peft_lora"] = row["flop_ratio_vs_peft_lora"] / row["step_time_ratio_vs_peft_lora"]
+    row["paired_efficiency_vs_peft_lora"] = row["flop_ratio_vs_peft_lora"] / row["paired_step_time_ratio_vs_peft_lora"]
     if v.gen_ms:
         row.update(generate_ms_median=median(v.gen_ms), generate_ms_all=v.gen_ms,
                    generate_new_tokens=gen_tokens[v.name])
         if ref.gen_ms:
             row["generate_time_ratio_vs_peft_lora"] = median(v.gen_ms) / median(ref.gen_ms)
+            row["paired_generate_time_ratio_vs_peft_lora"] = median(
+                [a / b for a, b in zip(v.gen_ms, ref.gen_ms, strict=True)])
     return row
 
 
@@ -200,9 +218,11 @@ def summarise(args, s: Sizes, device: torch.device, variants: list[Variant], gen
     moe = rows.get("moelora")
     if moe is not None:
         for key in ("step_time_ratio_vs_peft_lora", "paired_step_time_ratio_vs_peft_lora",
-                    "peak_memory_ratio_vs_peft_lora", "step_transient_ratio_vs_peft_lora", "flop_ratio_vs_peft_lora",
-                    "efficiency_vs_peft_lora"):
-            result[key] = moe[key]
+                    "paired_step_cpu_ratio_vs_peft_lora", "peak_memory_ratio_vs_peft_lora",
+                    "step_transient_ratio_vs_peft_lora", "flop_ratio_vs_peft_lora", "efficiency_vs_peft_lora",
+                    "paired_efficiency_vs_peft_lora", "paired_generate_time_ratio_vs_peft_lora"):
+            if key in moe:
+                result[key] = moe[key]
         if "generate_ms_median" in moe and "generate_ms_median" in rows[BASELINE]:
             result["generate_time_ratio_vs_peft_lora"] = (moe["generate_ms_median"]
                                                           / rows[BASELINE]["generate_ms_median"])
@@ -211,6 +231,13 @@ def summarise(args, s: Sizes, device: torch.device, variants: list[Variant], gen
             paired = [a / b for a, b in zip(by["moelora"].step_ms, by["moelora_no_cl"].step_ms, strict=True)]
             result["paired_contrastive_overhead"] = median(paired) - 1
     result["targets_met"] = {k: result[k] <= t for k, t in targets.items() if k in result}
+    # Every family method (not the base, LoRA or MoELoRA's ablations) against the efficiency target.
+    family = {name: row for name, row in rows.items() if name not in ("base", BASELINE, "moelora_no_cl",
+                                                                       "moelora_dense")}
+    result["efficiency_target"] = EFFICIENCY_TARGET
+    result["efficiency_targets_met"] = {name: {"ratio_of_medians": row["efficiency_vs_peft_lora"] >= EFFICIENCY_TARGET,
+                                               "paired": row["paired_efficiency_vs_peft_lora"] >= EFFICIENCY_TARGET}
+                                        for name, row in family.items()}
     if profile_rows is not None:
         result["profile_moelora_top_ops"] = profile_rows
     return result
@@ -245,9 +272,9 @@ def print_report(r: dict) -> None:
     print(f"\nmoelora_lit benchmark ({r['preset']}): {s['layers']} layers, hidden {s['hidden']}, "
           f"batch {s['batch']} x seq {s['seq']}, r={s['rank']}, targets {','.join(s['targets'])}, "
           f"device {r['device']} ({r['threads']} threads), torch {r['torch_version']}")
-    header = (f"{'variant':<15}{'step ms':>10}{'[q1, q3]':>20}{'ratio':>8}{'cpu ms':>10}{'ratio':>8}"
+    header = (f"{'variant':<15}{'step ms':>10}{'[q1, q3]':>20}{'ratio':>8}{'paired':>8}{'cpu ms':>10}{'paired':>8}"
               f"{'peak MB':>10}{'ratio':>8}{'step MB':>10}{'ratio':>8}{'gen ms':>10}{'ratio':>8}"
-              f"{'FLOPs':>8}{'effic.':>8}")
+              f"{'FLOPs':>8}{'effic.':>8}{'p.eff.':>8}")
     print(header)
     print("-" * len(header))
     ref_gen = r["variants"][BASELINE].get("generate_ms_median")
@@ -256,17 +283,27 @@ def print_report(r: dict) -> None:
         gen_s = f"{gen:>10.1f}{gen / ref_gen:>8.3f}" if gen is not None and ref_gen else f"{'':>18}"
         spread = f"[{row['step_ms_q1']:.1f}, {row['step_ms_q3']:.1f}]"
         print(f"{name:<15}{row['step_ms_median']:>10.1f}{spread:>20}{row['step_time_ratio_vs_peft_lora']:>8.3f}"
-              f"{row['step_cpu_ms_median']:>10.1f}{row['step_cpu_ratio_vs_peft_lora']:>8.3f}"
+              f"{row['paired_step_time_ratio_vs_peft_lora']:>8.3f}"
+              f"{row['step_cpu_ms_median']:>10.1f}{row['paired_step_cpu_ratio_vs_peft_lora']:>8.3f}"
               f"{row['peak_memory_mb']:>10.1f}{row['peak_memory_ratio_vs_peft_lora']:>8.3f}"
               f"{row['step_transient_peak_mb']:>10.1f}{row['step_transient_ratio_vs_peft_lora']:>8.3f}{gen_s}"
-              f"{row['flop_ratio_vs_peft_lora']:>8.3f}{row['efficiency_vs_peft_lora']:>8.3f}")
+              f"{row['flop_ratio_vs_peft_lora']:>8.3f}{row['efficiency_vs_peft_lora']:>8.3f}"
+              f"{row['paired_efficiency_vs_peft_lora']:>8.3f}")
     for name, why in r.get("unavailable_variants", {}).items():
         print(f"{name:<15}not measured: {why}")
-    print("FLOPs: step FLOPs (base + adapter, method's own work) / PEFT LoRA's; effic.: FLOPs ratio / step ratio")
+    print("ratio: of medians; paired: median of each round's own ratio (wall, then CPU time); FLOPs: step FLOPs "
+          "(base + adapter, method's own work) / PEFT LoRA's; effic.: FLOPs ratio / step ratio; p.eff.: with the "
+          "paired step ratio")
+    eff = r.get("efficiency_targets_met") or {}
+    if eff:
+        print(f"efficiency >= {r['efficiency_target']:g}: " + ", ".join(
+            f"{name} {'met' if ok['paired'] else 'NOT met'} (paired), {'met' if ok['ratio_of_medians'] else 'NOT met'}"
+            " (medians)" for name, ok in eff.items()))
     print()
     targets = r["targets"]
     for key in ("step_time_ratio_vs_peft_lora", "paired_step_time_ratio_vs_peft_lora",
-                "peak_memory_ratio_vs_peft_lora", "generate_time_ratio_vs_peft_lora", "contrastive_overhead",
+                "paired_step_cpu_ratio_vs_peft_lora", "peak_memory_ratio_vs_peft_lora",
+                "generate_time_ratio_vs_peft_lora", "paired_generate_time_ratio_vs_peft_lora", "contrastive_overhead",
                 "paired_contrastive_overhead"):
         if key not in r:
             continue
@@ -282,8 +319,10 @@ def print_report(r: dict) -> None:
             print(f"  {row['op']:<44}{row['self_cpu_ms_per_step']:>9.2f} ms/step {row['self_cpu_share']:>7.1%}"
                   f"{row['calls_per_step']:>8.0f} calls")
     print(f"float32 matmul 1024x1024: {r['matmul_gflops']:.1f} GFLOPS at {r['threads']} threads")
+    loads = [x for x in r.get("load_average_per_round") or [] if x is not None]
+    spread = f", {min(loads):.1f}-{max(loads):.1f} over the timed rounds" if loads else ""
     print(f"wall {r['wall_s']:.0f} s, load average {r['load_average']} (1-minute at start "
-          f"{r['load_average_at_start']})")
+          f"{r['load_average_at_start']}{spread})")
     if r.get("machine_busy_at_start"):
         print(f"WARNING: 1-minute load average was {r['load_average_at_start']:.1f} on {r['cpu_count']} CPUs at the "
               "start: other processes compete for the cores, so these timings are noisy; compare ratios, look at "

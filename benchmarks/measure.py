@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import gc
 import math
+import os
 import statistics
 import sys
 import time
@@ -201,8 +202,20 @@ def generate(v: Variant, batch: dict[str, torch.Tensor], s: Sizes, amp: torch.dt
                                 do_sample=False, use_cache=True, pad_token_id=0)
 
 
-def time_steps(variants: list[Variant], batch: dict[str, torch.Tensor], s: Sizes, amp: torch.dtype | None) -> None:
-    """``s.warmup`` steps per variant, then ``s.reps`` rounds of one step each, the order rotating every round."""
+def load_1min() -> float | None:
+    """The 1-minute load average (None where the OS has none)."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+
+
+def time_steps(variants: list[Variant], batch: dict[str, torch.Tensor], s: Sizes,
+               amp: torch.dtype | None) -> list[float | None]:
+    """``s.warmup`` steps per variant, then ``s.reps`` rounds of one step each, the order rotating every round.
+
+    Interleaving one step of every variant per round (A B C, B C A, ...) makes a slow phase of a shared machine hit
+    every variant of that round alike, so each round's own ratio (the ``paired`` ratios) is steadier than a ratio of
+    medians. Each step records wall time and the process's CPU time (``time.process_time``: what this process ran,
+    not what it waited for a core). Returns the 1-minute load average before each round.
+    """
     device = batch["input_ids"].device
     for v in variants:  # also fills the contrastive queues, creates AdamW's state and compiles kernels
         for i in range(s.warmup):
@@ -212,7 +225,9 @@ def time_steps(variants: list[Variant], batch: dict[str, torch.Tensor], s: Sizes
                 sync(device)
                 v.first_step_ms = (time.perf_counter() - t0) * 1e3
     sync(device)
+    loads = []
     for rep in range(s.reps):
+        loads.append(load_1min())
         k = rep % len(variants)
         for v in variants[k:] + variants[:k]:
             gc.collect()
@@ -224,6 +239,7 @@ def time_steps(variants: list[Variant], batch: dict[str, torch.Tensor], s: Sizes
             v.step_cpu_ms.append((time.process_time() - c0) * 1e3)
             if not math.isfinite(float(loss)):
                 raise RuntimeError(f"{v.name} produced a non-finite loss")
+    return loads
 
 
 def time_generation(variants: list[Variant], batch: dict[str, torch.Tensor], s: Sizes,

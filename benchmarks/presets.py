@@ -96,17 +96,21 @@ PRESETS: dict[str, dict] = {
 }
 
 # Acceptance targets (a ratio or overhead must be <= its target). The default shape's targets are the ones the
-# project was built to (2-core CPU); the quickstart's bound the step cost of its 28 small layers. The other presets
-# report against the default's targets for reference.
+# project is held to (CPU), at `default` and `smollm2`; the quickstart's bound the step cost of its 28 small layers
+# (the median over 5 runs). The step targets apply to the ratio of medians and to the paired ratio (the median of
+# each round's own ratio, steadier on a loaded machine). The other presets report against the default's targets.
 DEFAULT_TARGETS = {
-    "step_time_ratio_vs_peft_lora": 1.15,
-    "peak_memory_ratio_vs_peft_lora": 1.10,
-    "generate_time_ratio_vs_peft_lora": 1.15,
+    "step_time_ratio_vs_peft_lora": 1.10,
+    "paired_step_time_ratio_vs_peft_lora": 1.10,
+    "peak_memory_ratio_vs_peft_lora": 1.05,
+    "generate_time_ratio_vs_peft_lora": 1.10,
     "contrastive_overhead": 0.05,
 }
 PRESET_TARGETS: dict[str, dict[str, float]] = {
-    "quickstart": {"step_time_ratio_vs_peft_lora": 1.35},
+    "quickstart": {"step_time_ratio_vs_peft_lora": 1.25, "paired_step_time_ratio_vs_peft_lora": 1.25},
 }
+# Every family method's efficiency_vs_peft_lora (FLOP ratio / step-time ratio) must be at least this at `default`.
+EFFICIENCY_TARGET = 0.90
 
 
 def targets_for(preset: str) -> dict[str, float]:

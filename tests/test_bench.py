@@ -99,6 +99,20 @@ def test_matmul_gflops_recorded(report):
     assert positive_finite(report["matmul_gflops"])
 
 
+def test_paired_ratios_cpu_time_and_load_are_recorded(report):
+    """Load-robust figures: each round's own ratio (wall and CPU time) and the load before every round."""
+    reps = report["sizes"]["reps"]
+    assert len(report["load_average_per_round"]) == reps
+    for name, row in report["variants"].items():
+        assert len(row["paired_step_time_ratios_all"]) == reps
+        assert positive_finite(row["paired_step_cpu_ratio_vs_peft_lora"]), name
+        assert row["paired_efficiency_vs_peft_lora"] == pytest.approx(
+            row["flop_ratio_vs_peft_lora"] / row["paired_step_time_ratio_vs_peft_lora"])
+    assert report["variants"]["peft_lora"]["paired_step_time_ratio_vs_peft_lora"] == 1.0
+    assert positive_finite(report["paired_generate_time_ratio_vs_peft_lora"])
+    assert report["efficiency_target"] == 0.90 and set(report["efficiency_targets_met"]) == {"moelora"}
+
+
 def test_quickstart_preset_is_the_quickstart_shape():
     """presets.py's quickstart = experiments/quickstart.yaml on the embedded tiny base."""
     import yaml
@@ -118,8 +132,10 @@ def test_quickstart_preset_is_the_quickstart_shape():
         adapter["contrastive_queue_size"], adapter["contrastive_weight"], adapter["balance_weight"])
     assert s.targets == adapter["target_modules"]
     assert (s.batch, s.seq) == (data["batch_size"], data["max_length"])
-    assert targets_for("quickstart") == {"step_time_ratio_vs_peft_lora": 1.35}
-    assert targets_for("default")["step_time_ratio_vs_peft_lora"] == 1.15
+    assert targets_for("quickstart") == {"step_time_ratio_vs_peft_lora": 1.25,
+                                         "paired_step_time_ratio_vs_peft_lora": 1.25}
+    assert targets_for("default")["step_time_ratio_vs_peft_lora"] == 1.10
+    assert targets_for("default")["peak_memory_ratio_vs_peft_lora"] == 1.05
 
 
 def test_smollm2_preset_is_smollm2_135m():
