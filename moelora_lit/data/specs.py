@@ -11,7 +11,7 @@ instruction as ``source_instruction``, where the options are read from.
 Why these exist: a response that is only a label (``answer2``) asks the model to bind option symbols, which small
 models cannot do (SmolLM2-135M learned the label prior instead); with the options listed in the prompt
 (``option_first``) it still picked among them at chance; ``cloze`` is where its knowledge shows (see
-``experiments/results/smollm2_commonsense_sizing.md``).
+``experiments/studies/smollm2_commonsense/results/sizing.md``).
 """
 
 from __future__ import annotations
