@@ -70,6 +70,13 @@ class MoELoRATrainerMixin:
         self.moelora_callback.connected = True
         self.moelora_callback.find_layers(self.model)
 
+    def _set_signature_columns_if_needed(self) -> None:
+        """Keep the rows' ``task_group`` column (LoRAMoE's localized balance loss): the Trainer's
+        ``remove_unused_columns`` keeps only the model's forward arguments, and ``compute_loss`` pops it."""
+        super()._set_signature_columns_if_needed()
+        if self._signature_columns is not None and "task_group" not in self._signature_columns:
+            self._signature_columns = [*self._signature_columns, "task_group"]
+
     # ------------------------------------------------------------------------------- loss
     def _loss_scaled_for_ga(self, num_items_in_batch: Tensor | int | None) -> bool:
         """Whether ``compute_loss``'s task loss is already normalised over the accumulated batch: the rule

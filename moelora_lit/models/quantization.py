@@ -63,12 +63,12 @@ def is_quantized_linear(module: nn.Module) -> bool:
 
 
 def base_memory_bytes(model: nn.Module) -> int:
-    """Bytes of the frozen base's parameters and buffers (adapter tensors and router queues excluded); for
-    4-bit layers this is the packed storage plus its quantisation state (absmax per 64-block)."""
+    """Bytes of the frozen base's parameters and buffers (adapter tensors, FlyLoRA's rank bias and router queues
+    excluded); for 4-bit layers this is the packed storage plus its quantisation state (absmax per 64-block)."""
     total = 0
     for name, tensor in list(model.named_parameters()) + list(model.named_buffers()):
         leaf = name.rsplit(".", 1)[-1]
-        if leaf.startswith("contrastive_queue") or ".lora_" in name or ".router" in name:
+        if leaf.startswith("contrastive_queue") or leaf == "rank_bias" or ".lora_" in name or ".router" in name:
             continue
         total += tensor.numel() * tensor.element_size()
     for module in model.modules():
