@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -34,6 +35,17 @@ _DATASET_NAMES = {"validate": "val_names", "test": "test_names"}
 def _tag_name(name: str) -> str:
     """Layer name inside the wrapped HF model: strip the LightningModule's attribute prefix ``model.`` once."""
     return name[len("model."):] if name.startswith("model.") else name
+
+
+def heatmap_values(load: Tensor, acc: RoutingAccumulator) -> tuple[np.ndarray, float, str]:
+    """What a load heatmap shows: the share per expert (colour scale to twice the fair share 1/N) when every layer
+    has N experts; with different counts per layer (MoLA, MixLoRA's LoRA layers beside its blocks) the share relative
+    to the layer's own fair share (1 = balanced, scale to 2), so a 2-expert layer is not drawn saturated."""
+    if bool(acc.valid.all()):
+        return load.cpu().numpy(), 2.0 / acc.num_experts, "expert load share"
+    counts = acc.valid.sum(-1, keepdim=True).to(load.device, load.dtype)
+    relative = (load * counts).masked_fill(~acc.valid.to(load.device), float("nan"))   # no such expert: blank
+    return relative.cpu().numpy(), 2.0, "expert load / the layer's fair share"
 
 
 class RoutingStatsCallback(L.Callback):
@@ -159,8 +171,8 @@ class RoutingStatsCallback(L.Callback):
             writer = tensorboard_writer(trainer)
             every = self.heatmap_every_n_logs
             if writer is not None and metrics and every and (self._n_logs - 1) % every == 0:
-                load, vmax = stats["load"].numpy(), 2.0 / acc.num_experts
-                image = (heatmap_image(load, self._names, f"expert load share, step {step}", vmax)
+                load, vmax, what = heatmap_values(stats["load"], acc)
+                image = (heatmap_image(load, self._names, f"{what}, step {step}", vmax)
                          if self.heatmap_labels else heatmap_grid(load, vmax))
                 writer.add_image("routing/load_heatmap", image, step, dataformats="HWC")
         acc.reset()
@@ -217,9 +229,10 @@ class RoutingStatsCallback(L.Callback):
             logger.log_metrics(metrics, step=step)
         writer = tensorboard_writer(trainer)
         for dataset, r in results.items() if writer is not None else ():
-            load = r["load"].numpy()
-            vmax = max(2.0 / load.shape[1], float(load.max()))
-            image = heatmap_image(load, self._names, f"{stage} expert load: {dataset}", vmax)
+            layout = RoutingAccumulator(len(self._layers), [layer.num_experts for layer in self._layers])
+            load, vmax, what = heatmap_values(r["load"], layout)
+            vmax = max(vmax, float(np.nanmax(load)))
+            image = heatmap_image(load, self._names, f"{stage} {what}: {dataset}", vmax)
             writer.add_image(f"routing/{stage}_load_heatmap/{dataset}", image, step, dataformats="HWC")
         if log_dir is not None:
             payload = {"stage": stage, "step": step, "layers": self._names,
