@@ -125,11 +125,14 @@ def save_records(study: Study, results: Path = RESULTS, job: Job | None = None, 
                 for state in ("step0", "trained"):
                     payload[state].pop("use", None)  # per-task expert use: not read by the study's analysis
                 (results / "routing" / f"{arm}_seed{seed}.json").write_text(json.dumps(payload))
-    if job is not None:  # the command without the --ckpt_path of a resumed attempt
-        commands = results / "commands.txt"
-        lines = commands.read_text().splitlines() if commands.is_file() else []
-        line = re.sub(r" --ckpt_path \S+", "", portable(job.command))
-        commands.write_text("\n".join(dict.fromkeys([*lines, line])) + "\n")
+    # every job's command (the job's, or those its run folders recorded), without a resumed attempt's --ckpt_path
+    found = [json.loads(p.read_text()).get("command") for p in sorted(study.out.rglob("run.json"))]
+    found = [*found, portable(job.command)] if job is not None else found
+    commands = results / "commands.txt"
+    lines = commands.read_text().splitlines() if commands.is_file() else []
+    new = [re.sub(r" --ckpt_path \S+", "", c) for c in found if c]
+    if new:
+        commands.write_text("\n".join(dict.fromkeys([*lines, *new])) + "\n")
 
 
 # ------------------------------------------------------------------------------------------------- tables
