@@ -76,20 +76,27 @@ class MixLoRAFFN(RoutedAdapter):
     def router_name(self) -> str:
         return "block"
 
-    def _delta(self, projection: str, inputs: Tensor, counts: list[int]) -> Tensor:
-        """``s * B_e A_e dropout(inputs)`` of each row's expert: ``inputs`` (P, in) sorted by expert, ``counts[e]``
-        rows of expert e; returns (P, out). One matmul pair per expert with rows (the standard MoE dispatch): it
-        measured as fast as ``torch.nn.functional.grouped_mm`` with a custom backward on CPU (benchmarks/README.md),
-        and it runs in every dtype and on every device."""
+    def _projection(self, projection: str, inputs: Tensor, counts: list[int], base: Tensor) -> Tensor:
+        """``base + s * B_e A_e dropout(inputs)`` of each row's expert: ``inputs`` (P, in) sorted by expert,
+        ``counts[e]`` rows of expert e, ``base`` (P, out) the frozen projection of the same rows; returns (P, out).
+
+        One matmul pair per expert with rows (the standard MoE dispatch), B's matmul accumulating into the rows of
+        ``base`` (``addmm``) where the dtypes agree. It measured as fast as ``torch.nn.functional.grouped_mm`` with
+        a custom backward on CPU (benchmarks/README.md), and it runs in every dtype and on every device."""
         r = self.config.r
         a_rows = self.lora_A[projection].weight.split(r, 0)                            # N x (r, in)
         b_cols = self.lora_B[projection].weight.split(r, 1)                            # N x (out, r)
         rows = self.lora_dropout(inputs).split(counts)
-        parts = [F.linear(F.linear(x_e, a_rows[e]) * self.scaling, b_cols[e])
-                 for e, x_e in enumerate(rows) if counts[e]]
+        low = [F.linear(x_e, a_rows[e]) * self.scaling for e, x_e in enumerate(rows)]  # N x (rows, r)
+        if base.dtype != b_cols[0].dtype:                                              # e.g. a bf16 base
+            parts = [F.linear(low[e], b_cols[e]) for e in range(len(low)) if counts[e]]
+            delta = torch.cat(parts) if parts else base.new_zeros(0, base.shape[1], dtype=b_cols[0].dtype)
+            return base + delta
+        parts = [torch.addmm(base_e, low[e], b_cols[e].t()) for e, base_e in enumerate(base.split(counts))
+                 if counts[e]]
         if len(parts) == 1:
             return parts[0]
-        return torch.cat(parts) if parts else inputs.new_zeros(0, b_cols[0].shape[0])
+        return torch.cat(parts) if parts else base
 
     def forward(self, x: Tensor) -> Tensor:
         mlp, c, n = self.mlp, self.config, self.num_experts
@@ -109,10 +116,10 @@ class MixLoRAFFN(RoutedAdapter):
         weights = gates.gather(1, chosen).reshape(-1).index_select(0, order)           # (P,)
         adapter_dtype = self.lora_B["down_proj"].weight.dtype
         adapter_x = x_flat.to(adapter_dtype).index_select(0, token_of)                 # (P, H)
-        gate = mlp.gate_proj(x_flat).index_select(0, token_of) + self._delta("gate_proj", adapter_x, counts)
-        up = mlp.up_proj(x_flat).index_select(0, token_of) + self._delta("up_proj", adapter_x, counts)   # (P, I)
+        gate = self._projection("gate_proj", adapter_x, counts, mlp.gate_proj(x_flat).index_select(0, token_of))
+        up = self._projection("up_proj", adapter_x, counts, mlp.up_proj(x_flat).index_select(0, token_of))  # (P, I)
         hidden = mlp.act_fn(gate) * up                                                 # (P, I)
-        down = mlp.down_proj(hidden.to(x.dtype)) + self._delta("down_proj", hidden.to(adapter_dtype), counts)
+        down = self._projection("down_proj", hidden.to(adapter_dtype), counts, mlp.down_proj(hidden.to(x.dtype)))
         weighted = down * weights[:, None].to(down.dtype)                              # (P, H)
         out = weighted.new_zeros(tokens, self.hidden).index_add(0, token_of, weighted)  # (T, H)
         self.last_gates = gates.detach()
