@@ -303,17 +303,31 @@ def write_params(results: Path = RESULTS) -> pd.DataFrame:
     """``params.csv``: each arm's trainable count (the configs built on the meta device) against LoRA r 32's."""
     from moelora_lit.lightning.describe_run import describe_config
 
+    from moelora_lit.flops import adapter_flops_per_token, base_flops_per_token
+
     table = read_arms()
-    rows = []
+    rows, flops = [], []
     for arm, spec in table.items():
         args = [x for c in spec["configs"] for x in ("--config", c)]
         d = describe_config(args)
         rows.append({"arm": arm, "rank": spec["rank"], "trainable_params": d["trainable_params"]})
+        flops.append({"arm": arm, "adapter_executed": adapter_flops_per_token(d, executed=True)["matmul"],
+                      "adapter_method": adapter_flops_per_token(d)["matmul"]})
     frame = pd.DataFrame(rows)
     frame["ratio_to_lora"] = (frame["trainable_params"] / frame.loc[frame["arm"] == "lora", "trainable_params"].iloc[0]
                               ).round(4)
     frame.to_csv(results / "params.csv", index=False)
-    print(frame.to_string(index=False))
+    # matmul FLOPs per token of a training step (forward + backward, moelora_lit.flops; auxiliary terms not
+    # counted), the load-free side of the cost: the adapter as the package runs it and as the method defines it
+    # (only the routed experts), and the frozen base at 64 positions
+    base = base_flops_per_token({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                                 "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152}, 64)
+    cost = pd.DataFrame(flops)
+    cost["base_seq64"] = base["total"]
+    lora = cost.loc[cost["arm"] == "lora", "adapter_executed"].iloc[0]
+    cost["step_ratio_to_lora"] = ((cost["base_seq64"] + cost["adapter_executed"]) / (base["total"] + lora)).round(4)
+    cost.to_csv(results / "flops.csv", index=False, float_format="%.6g")
+    print(frame.to_string(index=False), cost.to_string(index=False), sep="\n")
     return frame
 
 
