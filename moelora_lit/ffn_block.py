@@ -77,7 +77,7 @@ class MixLoRAFFN(RoutedAdapter):
         return "block"
 
     def _projection(self, projection: str, inputs: Tensor, counts: list[int], base: Tensor) -> Tensor:
-        """``base + s * B_e A_e dropout(inputs)`` of each row's expert: ``inputs`` (P, in) sorted by expert,
+        """``base + s * B_e A_e inputs`` of each row's expert: ``inputs`` (P, in) sorted by expert, after dropout,
         ``counts[e]`` rows of expert e, ``base`` (P, out) the frozen projection of the same rows; returns (P, out).
 
         One matmul pair per expert with rows (the standard MoE dispatch), B's matmul accumulating into the rows of
@@ -86,7 +86,7 @@ class MixLoRAFFN(RoutedAdapter):
         r = self.config.r
         a_rows = self.lora_A[projection].weight.split(r, 0)                            # N x (r, in)
         b_cols = self.lora_B[projection].weight.split(r, 1)                            # N x (out, r)
-        rows = self.lora_dropout(inputs).split(counts)
+        rows = inputs.split(counts)
         low = [F.linear(x_e, a_rows[e]) * self.scaling for e, x_e in enumerate(rows)]  # N x (rows, r)
         if base.dtype != b_cols[0].dtype:                                              # e.g. a bf16 base
             parts = [F.linear(low[e], b_cols[e]) for e in range(len(low)) if counts[e]]
@@ -115,11 +115,15 @@ class MixLoRAFFN(RoutedAdapter):
         counts = torch.bincount(flat, minlength=n).tolist()                            # host sync (free on CPU)
         weights = gates.gather(1, chosen).reshape(-1).index_select(0, order)           # (P,)
         adapter_dtype = self.lora_B["down_proj"].weight.dtype
-        adapter_x = x_flat.to(adapter_dtype).index_select(0, token_of)                 # (P, H)
-        gate = self._projection("gate_proj", adapter_x, counts, mlp.gate_proj(x_flat).index_select(0, token_of))
-        up = self._projection("up_proj", adapter_x, counts, mlp.up_proj(x_flat).index_select(0, token_of))  # (P, I)
+        adapter_x = x_flat.to(adapter_dtype)                                           # (T, H)
+        # Dropout on the T tokens, one mask per projection shared by a token's slots (half the random draws of
+        # dropping the P sorted rows); the down projection's input differs per slot and is dropped per row.
+        gate_x, up_x = (self.lora_dropout(adapter_x).index_select(0, token_of) for _ in range(2))   # (P, H)
+        gate = self._projection("gate_proj", gate_x, counts, mlp.gate_proj(x_flat).index_select(0, token_of))
+        up = self._projection("up_proj", up_x, counts, mlp.up_proj(x_flat).index_select(0, token_of))   # (P, I)
         hidden = mlp.act_fn(gate) * up                                                 # (P, I)
-        down = self._projection("down_proj", hidden.to(adapter_dtype), counts, mlp.down_proj(hidden.to(x.dtype)))
+        down = self._projection("down_proj", self.lora_dropout(hidden.to(adapter_dtype)), counts,
+                                mlp.down_proj(hidden.to(x.dtype)))
         weighted = down * weights[:, None].to(down.dtype)                              # (P, H)
         out = weighted.new_zeros(tokens, self.hidden).index_add(0, token_of, weighted)  # (T, H)
         self.last_gates = gates.detach()
