@@ -13,7 +13,7 @@ variants and targets are data in ``presets.py``; timing, memory and generation l
     python benchmarks/bench.py --preset gpu --json gpu.json      # LLaMA-7B layer dims, 2 layers, bf16 autocast
     python benchmarks/bench.py --preset smollm2 --variants peft_lora,moelora --no-generate --json s.json
     python benchmarks/bench.py --preset smollm2 --variants peft_lora,moelora,loramoe,hydralora,mola,flylora,mixlora
-    python benchmarks/bench.py --profile                         # also torch.profiler's top ops of a MoELoRA step
+    python benchmarks/bench.py --profile                         # also torch.profiler's top ops of each adapter's step
 
 Every variant also gets its FLOPs (``moelora_lit.flops``, the method's own work, base model included) as a ratio to
 PEFT LoRA's, and ``efficiency_vs_peft_lora = flop_ratio / step_time_ratio``: 1 when the variant's extra arithmetic
@@ -80,7 +80,8 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, Sizes
     parser.add_argument("--variants", default=",".join(DEFAULT_VARIANTS),
                         help=f"comma list of {', '.join(VARIANTS)} (default: {','.join(DEFAULT_VARIANTS)})")
     parser.add_argument("--no-generate", action="store_true", help="skip the generation timing")
-    parser.add_argument("--profile", action="store_true", help="print torch.profiler's top ops of a MoELoRA step")
+    parser.add_argument("--profile", action="store_true",
+                        help="print torch.profiler's top ops of a step of every variant but the base and PEFT LoRA")
     parser.add_argument("--flops-only", action="store_true", help="print the FLOP ratios and stop (no timing)")
     parser.add_argument("--skip-unavailable", action="store_true",
                         help="leave out (and report) variants that cannot be built, e.g. a missing method preset")
@@ -135,8 +136,8 @@ def main(argv: list[str] | None = None) -> dict:
     for v in variants:
         v.memory = measure_memory(v, batch, amp)
     profile_rows = None
-    if args.profile and any(v.name == "moelora" for v in variants):
-        profile_rows = profile_step(next(v for v in variants if v.name == "moelora"), batch, amp)
+    if args.profile:
+        profile_rows = {v.name: profile_step(v, batch, amp) for v in variants if v.name not in ("base", BASELINE)}
     gen_variants = [] if args.no_generate else [v for v in variants if v.name in GENERATE_VARIANTS]
     gen_tokens = time_generation(gen_variants, batch, s, amp)
 
@@ -238,8 +239,10 @@ def summarise(args, s: Sizes, device: torch.device, variants: list[Variant], gen
     result["efficiency_targets_met"] = {name: {"ratio_of_medians": row["efficiency_vs_peft_lora"] >= EFFICIENCY_TARGET,
                                                "paired": row["paired_efficiency_vs_peft_lora"] >= EFFICIENCY_TARGET}
                                         for name, row in family.items()}
-    if profile_rows is not None:
-        result["profile_moelora_top_ops"] = profile_rows
+    if profile_rows:
+        result["profile_top_ops"] = profile_rows
+        if "moelora" in profile_rows:
+            result["profile_moelora_top_ops"] = profile_rows["moelora"]
     return result
 
 
@@ -313,9 +316,9 @@ def print_report(r: dict) -> None:
     first = {name: row["first_step_ms"] for name, row in r["variants"].items() if row.get("first_step_ms")}
     if first:  # MoELoRA's first step compiles the CPU contrastive kernel (once per process)
         print("first step ms (one-time work included): " + ", ".join(f"{n} {ms:.0f}" for n, ms in first.items()))
-    if "profile_moelora_top_ops" in r:
-        print("\ntorch.profiler, MoELoRA step, top ops by self CPU time:")
-        for row in r["profile_moelora_top_ops"]:
+    for name, rows in (r.get("profile_top_ops") or {}).items():
+        print(f"\ntorch.profiler, {name} step, top ops by self CPU time:")
+        for row in rows:
             print(f"  {row['op']:<44}{row['self_cpu_ms_per_step']:>9.2f} ms/step {row['self_cpu_share']:>7.1%}"
                   f"{row['calls_per_step']:>8.0f} calls")
     print(f"float32 matmul 1024x1024: {r['matmul_gflops']:.1f} GFLOPS at {r['threads']} threads")
