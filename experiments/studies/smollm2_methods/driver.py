@@ -379,17 +379,24 @@ def step_times(out: Path, jobs: int, steps: int = 8, results: Path = RESULTS) ->
 
 
 # ------------------------------------------------------------------------------------------------- status
-def status(study: Study) -> None:
+def status(study: Study, per_step: float | None = None) -> str:
+    """The training record with each arm's choice, what is left, and its cost at ``per_step`` seconds per step
+    (default: the median of this study's finished runs, else of the reused ones)."""
     grid = grid_table(study)
-    print(grid.to_string(index=False))
-    for arm in study.arms:
-        print(f"choice {arm}: {study.choice(arm)}")
+    lines = [grid.to_string(index=False), ""]
+    lines += [f"choice {arm}: {study.choice(arm)}" for arm in study.arms]
     train, evals = study.train_jobs(), study.eval_jobs()
-    per_step = grid["s_per_step"].median() if len(grid) else 3.5
-    gen = sum("generate" in j.label for j in evals)
-    hours = (len(train) * STEPS * per_step + (len(evals) - gen) * 360 + gen * 540) / 3600
-    print(f"training runs left: {len(train)} (known now; a grid that must extend adds runs); evaluations left: "
-          f"{len(evals)} ({gen} generation); about {hours:.1f} core-hours left, {hours / 2:.1f} h on 2 cores")
+    new = grid[~grid["arm"].isin([a for a, s in read_arms().items() if s.get("reused")])]
+    per_step = per_step or (new if len(new) else grid)["s_per_step"].median()
+    open_arms = sum(study.choice(arm) is None for arm in study.arms)  # their seeds and evaluations are not jobs yet
+    runs = len(train) + open_arms * (len(SEEDS) - 1)
+    gen = sum("generate" in j.label for j in evals) + open_arms * len(SEEDS)
+    loglik = len(evals) - sum("generate" in j.label for j in evals) + open_arms * len(SEEDS)
+    hours = (runs * STEPS * per_step + loglik * 360 + gen * 540) / 3600
+    lines.append(f"training runs left: {runs} (a grid whose choice sits at its edge adds runs); evaluations left: "
+                 f"{loglik} log-likelihood, {gen} generation; at {per_step:.1f} s per step (6 min a log-likelihood "
+                 f"evaluation, 9 a generation) about {hours:.1f} core-hours, {hours / 2:.1f} h on 2 cores")
+    return "\n".join(lines) + "\n"
 
 
 def ordered_jobs(study: Study, phase: str) -> list[Job]:
@@ -412,12 +419,13 @@ def main(argv: list[str] | None = None) -> int:
     os.chdir(ROOT)  # configs and their data paths are relative to the repository root
     study = build(args.out)
     if args.phase == "status":
-        status(study)
+        print(status(study), end="")
     elif args.phase == "fold":  # what another checkout's driver finished under --out, into this checkout's records
         save_records(study)
         study = build(args.out)
         write_tables(study)
         write_routing()
+        (RESULTS / "status.txt").write_text(status(study))
     elif args.phase == "table":
         write_tables(study)
     elif args.phase == "routing":
