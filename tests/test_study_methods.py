@@ -29,6 +29,10 @@ def test_arm_table_parses_into_arms_of_existing_configs() -> None:
             assert arm.follow in arms
     assert arms["loramoe"].grid == {"model.adapter.balance_weight": ("0.0", "0.1")}
     assert arms["mixlora"].grid == {"model.adapter.balance_weight": ("0.01", "0.001")}
+    import yaml
+
+    groups = {d["name"]: d["task_group"] for d in yaml.safe_load((STUDY / "loramoe.yaml").read_text())["data.train"]}
+    assert groups == {"arc_e": 1, "obqa": 1, "boolq": 0}  # knowledge QA vs reading comprehension
     for name in ("loramoe", "hydralora", "mola", "flylora", "mixlora"):  # method preset, then the rank match
         assert arms[name].configs[1:] == (f"experiments/methods/{name}.yaml",
                                           f"experiments/studies/smollm2_methods/{name}.yaml")
