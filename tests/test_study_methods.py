@@ -57,8 +57,8 @@ def test_every_arm_builds_within_20_percent_of_lora_r32(monkeypatch: pytest.Monk
     assert {m["rank"] for m in built["flylora"]["modules"]} == {64}
     assert {m["experts"] for m in built["mola"]["modules"]} == {2, 4, 6, 8}
     committed = pd.read_csv(methods.RESULTS / "params.csv")
-    assert dict(zip(committed["arm"], committed["trainable_params"])) == counts
-    assert dict(zip(committed["arm"], committed["rank"])) == {k: v["rank"] for k, v in table.items()}
+    assert dict(zip(committed["arm"], committed["trainable_params"], strict=True)) == counts
+    assert dict(zip(committed["arm"], committed["rank"], strict=True)) == {k: v["rank"] for k, v in table.items()}
 
 
 def test_tables_rebuild_byte_for_byte(tmp_path: Path) -> None:

@@ -104,9 +104,11 @@ def save_records(study: Study, results: Path = RESULTS, job: Job | None = None, 
     (rows the old study's records already hold stay there)."""
     results.mkdir(parents=True, exist_ok=True)
     old_runs = read_runs(old / "runs.csv")
-    known = set() if old_runs is None else set(zip(old_runs["variant"], old_runs["lr"].astype(float), old_runs["seed"]))
+    known = set() if old_runs is None else set(
+        zip(old_runs["variant"], old_runs["lr"].astype(float), old_runs["seed"], strict=True))
     runs = study.training_record()
-    runs = runs[[(v, float(lr), int(s)) not in known for v, lr, s in zip(runs["variant"], runs["lr"], runs["seed"])]]
+    keys = zip(runs["variant"], runs["lr"], runs["seed"], strict=True)
+    runs = runs[[(v, float(lr), int(s)) not in known for v, lr, s in keys]]
     runs.to_csv(results / "runs.csv", index=False)
     frames = [records.read_record(results / "examples.csv.gz")]
     for path in sorted(study.out.rglob("eval/*/**/predictions.jsonl")):
@@ -151,7 +153,7 @@ def grid_table(study: Study, results: Path = RESULTS) -> pd.DataFrame:
     runs.insert(0, "arm", runs["variant"].str.split("-").str[0])
     runs = runs[runs["arm"].isin(study.arms)]
     runs["chosen"] = [int(a in picked and picked[a]["variant"] == v and float(picked[a]["lr"]) == float(lr))
-                      for a, v, lr in zip(runs["arm"], runs["variant"], runs["lr"])]
+                      for a, v, lr in zip(runs["arm"], runs["variant"], runs["lr"], strict=True)]
     order = {a: i for i, a in enumerate(study.arms)}
     runs = runs.sort_values(["arm", "variant", "lr", "seed"], key=lambda s: s.map(order) if s.name == "arm" else s)
     return runs.rename(columns={"score": "val_loss"}).reset_index(drop=True)
@@ -199,7 +201,7 @@ def answer(summary: dict, runs: pd.DataFrame, params: dict[str, int], picked: di
 
 def read_params(results: Path = RESULTS) -> dict[str, int]:
     path = results / "params.csv"
-    return dict(zip(*pd.read_csv(path)[["arm", "trainable_params"]].T.values)) if path.is_file() else {}
+    return dict(zip(*pd.read_csv(path)[["arm", "trainable_params"]].T.values, strict=True)) if path.is_file() else {}
 
 
 def write_tables(study: Study, results: Path = RESULTS, out: Path | None = None, old: Path = OLD_RESULTS) -> None:
@@ -301,9 +303,8 @@ def write_routing(results: Path = RESULTS, out: Path | None = None, figure: bool
 # ------------------------------------------------------------------------------------------ sizing phases
 def write_params(results: Path = RESULTS) -> pd.DataFrame:
     """``params.csv``: each arm's trainable count (the configs built on the meta device) against LoRA r 32's."""
-    from moelora_lit.lightning.describe_run import describe_config
-
     from moelora_lit.flops import adapter_flops_per_token, base_flops_per_token
+    from moelora_lit.lightning.describe_run import describe_config
 
     table = read_arms()
     rows, flops = [], []
