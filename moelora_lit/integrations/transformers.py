@@ -1,8 +1,9 @@
 """MoELoRA inside the Hugging Face ``Trainer`` and TRL's ``SFTTrainer`` (docs/design.md §7), without Lightning.
 
-The trainers add ``collect_aux_losses(model)`` to the task loss, scaled for gradient accumulation as the Trainer
-scales its own loss; push the contrastive queues after every backward (each micro-batch; under DDP all ranks'
-anchors in rank order, as the Lightning path); and save adapter files only, never the base weights. On the same
+The trainers run the one training step of :mod:`moelora_lit.training_step`, as the Lightning module does: the task
+loss plus the weighted auxiliary terms, scaled for gradient accumulation as the Trainer scales its own loss; after
+every backward the queue push and FlyLoRA's bias update (each micro-batch; under DDP all ranks' state in rank
+order); and adapter files only, never the base weights. On the same
 data, seed and optimiser they equal the Lightning path step for step.
 
 Example::
