@@ -4,6 +4,7 @@ adapter save/load (docs/design.md §1.5, §2 and §5)."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -421,3 +422,15 @@ def test_no_step_walks_the_model_after_the_first(monkeypatch):
         if step > 0:
             assert calls[before:] == [], f"step {step} walked the model: {calls[before:]}"
     assert adapters_of(model).layers[0].contrastive_queue_count.sum() > 0
+
+
+def test_trainers_call_the_one_training_step_not_the_helpers():
+    """The Lightning module and the Hugging Face trainers compose the loss and push through training_step only."""
+    root = Path(__file__).resolve().parents[1] / "moelora_lit"
+    for folder in ("lightning", "integrations"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            assert "collect_aux_losses(" not in text and "push_queues(" not in text, path
+    for path in (root / "lightning" / "module.py", root / "integrations" / "mixin.py"):
+        text = path.read_text()
+        assert "step_loss(" in text and "after_backward(" in text, path
