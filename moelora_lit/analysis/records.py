@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -71,6 +72,32 @@ def read_record(path: str | os.PathLike) -> pd.DataFrame:
     frame = pd.read_csv(path, dtype={"pred": str, "pred_norm": str, "gold": str}, keep_default_na=False,
                         na_values={"seed": [""], "correct_norm": [""]})
     return normalise(frame)
+
+
+def evaluated(record: pd.DataFrame) -> set[tuple[str, int | None, str]]:
+    """``(method, seed, evaluation)`` of every evaluation a record holds (seed None for zero-shot rows)."""
+    rows = record[["method", "seed", "evaluation"]].drop_duplicates().itertuples(index=False)
+    return {(m, None if pd.isna(s) else int(s), e) for m, s, e in rows}
+
+
+def fold_predictions(out: Path, path: Path) -> None:
+    """Add every evaluation's ``predictions.jsonl`` under ``out`` (``eval/<evaluation>/...`` of a run folder laid out
+    as ``zero_shot/...`` or ``train/<variant>/lr<lr>/seed<S>/...``) to the record at ``path``."""
+    frames = [read_record(path)]
+    for found in sorted(out.rglob("eval/*/**/predictions.jsonl")):
+        parts = found.relative_to(out).parts
+        evaluation = parts[parts.index("eval") + 1]
+        method, seed = ("zero_shot", None) if parts[0] == "zero_shot" else (parts[1].split("-")[0], int(parts[3][4:]))
+        frames.append(from_predictions(found, method, seed, evaluation))
+    write_record(pd.concat([f for f in frames if len(f)] or frames[:1]), path)
+
+
+def add_commands(path: Path, commands: Sequence[str]) -> None:
+    """Append ``commands`` to the commands file at ``path`` once each, without a resumed attempt's ``--ckpt_path``."""
+    new = [re.sub(r" --ckpt_path \S+", "", c) for c in commands if c]
+    if new:
+        lines = path.read_text().splitlines() if path.is_file() else []
+        path.write_text("\n".join(dict.fromkeys([*lines, *new])) + "\n")
 
 
 def accuracy(record: pd.DataFrame) -> pd.DataFrame:

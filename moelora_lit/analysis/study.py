@@ -232,6 +232,20 @@ class Study:
         return Job(label, folder, cmd, log_name="test.log",
                    meta={"method": method, "seed": seed, "evaluation": evaluation.name})
 
+    def save_probes(self, folder: Path) -> None:
+        """Each chosen run's routing probe (``routing_probe.json``) as ``folder/<arm>_seed<S>.json``, without the
+        per-task expert use (the studies' routing analysis does not read it)."""
+        for arm in self.arms:
+            chosen = self.choice(arm)
+            for seed in self.seeds if chosen else ():
+                probe = newest(self.run_folder(chosen[0], chosen[2], seed), "routing_probe.json")
+                if probe is not None:
+                    folder.mkdir(parents=True, exist_ok=True)
+                    payload = json.loads(probe.read_text())
+                    for state in ("step0", "trained"):
+                        payload[state].pop("use", None)
+                    (folder / f"{arm}_seed{seed}.json").write_text(json.dumps(payload))
+
     def training_record(self) -> pd.DataFrame:
         """Every finished training run (the committed record's rows and those on disk): :data:`RECORD_COLUMNS`."""
         keys = set(self.record)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -27,7 +26,6 @@ sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 import pandas as pd  # noqa: E402
 
 from moelora_lit.analysis import records, routing  # noqa: E402
-from moelora_lit.analysis.logs import newest  # noqa: E402
 from moelora_lit.analysis.runner import Job, portable, run_jobs  # noqa: E402
 from moelora_lit.analysis.study import Arm, Evaluation, Study  # noqa: E402
 
@@ -58,8 +56,7 @@ TABLES = [(LOGLIK_EVALS, "acc", "Log-likelihood scoring, `acc` (training prompt 
 def build(out: Path, results: Path = RESULTS) -> Study:
     """The study over the run folders under ``out`` and the committed records in ``results``."""
     record = records.read_record(results / "examples.csv.gz")
-    runs_evaluated = record[["method", "seed", "evaluation"]].drop_duplicates().itertuples(index=False)
-    done = {(m, None if pd.isna(s) else int(s), e) for m, s, e in runs_evaluated}
+    done = records.evaluated(record)
     runs = results / "runs.csv"
     return Study(ARMS, out, SEEDS, METRIC, higher_is_better=False, evaluations=EVALUATIONS, zero_shot_arm="lora",
                  record=pd.read_csv(runs) if runs.is_file() else None, done_evaluations=done)
@@ -69,28 +66,10 @@ def save_records(study: Study, results: Path = RESULTS, job: Job | None = None) 
     """Take the finished runs, evaluations, routing probes and the job's command into the committed records."""
     results.mkdir(parents=True, exist_ok=True)
     study.training_record().to_csv(results / "runs.csv", index=False)
-    frames = [records.read_record(results / "examples.csv.gz")]
-    for path in sorted(study.out.rglob("eval/*/**/predictions.jsonl")):
-        parts = path.relative_to(study.out).parts
-        evaluation = parts[parts.index("eval") + 1]
-        method, seed = ("zero_shot", None) if parts[0] == "zero_shot" else (parts[1].split("-")[0], int(parts[3][4:]))
-        frames.append(records.from_predictions(path, method, seed, evaluation))
-    records.write_record(pd.concat([f for f in frames if len(f)]), results / "examples.csv.gz")
-    for arm in ARMS:
-        chosen = study.choice(arm)
-        for seed in SEEDS if chosen else ():
-            probe = newest(study.run_folder(chosen[0], chosen[2], seed), "routing_probe.json")
-            if probe is not None:
-                (results / "routing").mkdir(exist_ok=True)
-                payload = json.loads(probe.read_text())
-                for state in ("step0", "trained"):
-                    payload[state].pop("use", None)  # per-task expert use: not read by the study's analysis
-                (results / "routing" / f"{arm}_seed{seed}.json").write_text(json.dumps(payload))
-    if job is not None:  # the command without the --ckpt_path of a resumed attempt
-        commands = results / "commands.txt"
-        lines = commands.read_text().splitlines() if commands.is_file() else []
-        line = re.sub(r" --ckpt_path \S+", "", portable(job.command))
-        commands.write_text("\n".join(dict.fromkeys([*lines, line])) + "\n")
+    records.fold_predictions(study.out, results / "examples.csv.gz")
+    study.save_probes(results / "routing")
+    if job is not None:
+        records.add_commands(results / "commands.txt", [portable(job.command)])
 
 
 def write_tables(study: Study, results: Path = RESULTS, out: Path | None = None) -> None:

@@ -93,8 +93,7 @@ def combined_record(results: Path = RESULTS, old: Path = OLD_RESULTS) -> pd.Data
 def build(out: Path, results: Path = RESULTS, old: Path = OLD_RESULTS) -> Study:
     """The study over the run folders under ``out`` and the committed records (the old study's and this one's)."""
     record = combined_record(results, old)
-    runs_evaluated = record[["method", "seed", "evaluation"]].drop_duplicates().itertuples(index=False)
-    done = {(m, None if pd.isna(s) else int(s), e) for m, s, e in runs_evaluated}
+    done = records.evaluated(record)
     return Study(arms(), out, SEEDS, METRIC, higher_is_better=False, evaluations=EVALUATIONS, zero_shot_arm="lora",
                  record=read_runs(old / "runs.csv", results / "runs.csv"), done_evaluations=done)
 
@@ -110,31 +109,11 @@ def save_records(study: Study, results: Path = RESULTS, job: Job | None = None, 
     keys = zip(runs["variant"], runs["lr"], runs["seed"], strict=True)
     runs = runs[[(v, float(lr), int(s)) not in known for v, lr, s in keys]]
     runs.to_csv(results / "runs.csv", index=False)
-    frames = [records.read_record(results / "examples.csv.gz")]
-    for path in sorted(study.out.rglob("eval/*/**/predictions.jsonl")):
-        parts = path.relative_to(study.out).parts
-        evaluation = parts[parts.index("eval") + 1]
-        method, seed = ("zero_shot", None) if parts[0] == "zero_shot" else (parts[1].split("-")[0], int(parts[3][4:]))
-        frames.append(records.from_predictions(path, method, seed, evaluation))
-    records.write_record(pd.concat([f for f in frames if len(f)] or frames[:1]), results / "examples.csv.gz")
-    for arm in study.arms:
-        chosen = study.choice(arm)
-        for seed in SEEDS if chosen else ():
-            probe = newest(study.run_folder(chosen[0], chosen[2], seed), "routing_probe.json")
-            if probe is not None:
-                (results / "routing").mkdir(exist_ok=True)
-                payload = json.loads(probe.read_text())
-                for state in ("step0", "trained"):
-                    payload[state].pop("use", None)  # per-task expert use: not read by the study's analysis
-                (results / "routing" / f"{arm}_seed{seed}.json").write_text(json.dumps(payload))
-    # every job's command (the job's, or those its run folders recorded), without a resumed attempt's --ckpt_path
+    records.fold_predictions(study.out, results / "examples.csv.gz")
+    study.save_probes(results / "routing")
+    # every job's command: the job's, or those its run folders recorded
     found = [json.loads(p.read_text()).get("command") for p in sorted(study.out.rglob("run.json"))]
-    found = [*found, portable(job.command)] if job is not None else found
-    commands = results / "commands.txt"
-    lines = commands.read_text().splitlines() if commands.is_file() else []
-    new = [re.sub(r" --ckpt_path \S+", "", c) for c in found if c]
-    if new:
-        commands.write_text("\n".join(dict.fromkeys([*lines, *new])) + "\n")
+    records.add_commands(results / "commands.txt", [*found, portable(job.command)] if job is not None else found)
 
 
 # ------------------------------------------------------------------------------------------------- tables
