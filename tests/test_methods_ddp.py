@@ -9,27 +9,11 @@ import lightning as L
 import pytest
 import torch
 from hf_folder import build_tiny_hf_folder
-from test_training_conditions import _Tokens
+from test_training_conditions import StepProbe, _Tokens
 from torch.utils.data import DataLoader
 
-from moelora_lit import MoELoRAConfig, moelora_layers
+from moelora_lit import MoELoRAConfig
 from moelora_lit.lightning.module import MoELoRAModule
-
-
-class _BiasProbe(L.Callback):
-    """Per rank and step: each FlyLoRA layer's bias before the update, this rank's choices, and the bias after."""
-
-    def __init__(self, out) -> None:
-        self.out = out
-
-    def on_after_backward(self, trainer, pl_module) -> None:           # runs before the module's own hook
-        self.before = {n: (layer.rank_bias.clone(), layer.bias_counts.clone())
-                       for n, layer in moelora_layers(pl_module.model)}
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        after = {n: layer.rank_bias.clone() for n, layer in moelora_layers(pl_module.model)}
-        torch.save({"before": self.before, "after": after},
-                   self.out / f"rank{trainer.global_rank}_step{trainer.global_step}.pt")
 
 
 @pytest.mark.slow
@@ -44,7 +28,10 @@ def test_ddp_flylora_bias_is_identical_on_every_rank_and_follows_the_summed_choi
         bias_update_rate=u))
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=2, logger=False,
                         default_root_dir=tmp_path, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, callbacks=[_BiasProbe(tmp_path)])
+                        enable_model_summary=False,
+                        callbacks=[StepProbe(tmp_path,
+                                             lambda layer: (layer.rank_bias.clone(), layer.bias_counts.clone()),
+                                             lambda layer: layer.rank_bias.clone())])
     trainer.fit(module, train_dataloaders=DataLoader(_Tokens(16), batch_size=4))
     for step in (1, 2):
         ranks = [torch.load(tmp_path / f"rank{r}_step{step}.pt") for r in (0, 1)]

@@ -117,20 +117,19 @@ class _Tokens(Dataset):
         return {k: v[i] for k, v in self.batch.items()}
 
 
-class _QueueProbe(L.Callback):
-    """Records, per rank and step, this rank's anchors before the push and every queue after the step."""
+class StepProbe(L.Callback):
+    """Saves, per rank and step, ``before(layer)`` of every adapter layer just before the module's after-backward
+    state update (queue push, bias update) and ``after(layer)`` at the step's end."""
 
-    def __init__(self, out) -> None:
-        self.out = out
+    def __init__(self, out, before, after) -> None:
+        self.out, self.before, self.after = out, before, after
 
     def on_after_backward(self, trainer, pl_module) -> None:           # runs before the module's own hook
-        self.pending = {n: layer.pending[0][layer.pending[2] > 0].clone()
-                        for n, layer in moelora_layers(pl_module.model)}
+        self.state = {n: self.before(layer) for n, layer in moelora_layers(pl_module.model)}
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        queues = {n: (layer.contrastive_queue.clone(), layer.contrastive_queue_count.clone())
-                  for n, layer in moelora_layers(pl_module.model)}
-        torch.save({"pending": self.pending, "queues": queues},
+        after = {n: self.after(layer) for n, layer in moelora_layers(pl_module.model)}
+        torch.save({"before": self.state, "after": after},
                    self.out / f"rank{trainer.global_rank}_step{trainer.global_step}.pt")
 
 
@@ -144,19 +143,21 @@ def test_ddp_queues_are_identical_on_every_rank_and_hold_every_ranks_anchors(tmp
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp_fork", max_steps=3, logger=False,
                         default_root_dir=tmp_path,                  # the exported adapter goes here, not the cwd
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[_QueueProbe(tmp_path)])
+                        callbacks=[StepProbe(tmp_path, lambda layer: layer.pending[0][layer.pending[2] > 0].clone(),
+                                             lambda layer: (layer.contrastive_queue.clone(),
+                                                            layer.contrastive_queue_count.clone()))])
     trainer.fit(module, train_dataloaders=DataLoader(_Tokens(24), batch_size=4))
     seen: dict[str, list[torch.Tensor]] = {}
     for step in (1, 2, 3):
         ranks = [torch.load(tmp_path / f"rank{r}_step{step}.pt") for r in (0, 1)]
-        for name, (queue, count) in ranks[0]["queues"].items():
-            other_queue, other_count = ranks[1]["queues"][name]
+        for name, (queue, count) in ranks[0]["after"].items():
+            other_queue, other_count = ranks[1]["after"][name]
             assert torch.equal(queue, other_queue) and torch.equal(count, other_count), (step, name)
             for r in (0, 1):
-                seen.setdefault(name, []).append(ranks[r]["pending"][name])
+                seen.setdefault(name, []).append(ranks[r]["before"][name])
             entries = queue[torch.arange(queue.shape[1]) < count[:, None]]            # (filled, s)
             expected = torch.cat(seen[name])                  # every anchor of every rank so far, nothing lost
             assert entries.shape[0] == expected.shape[0], (step, name)
             distance = torch.cdist(expected, entries, compute_mode="donot_use_mm_for_euclid_dist").amin(1)
             assert distance.max() < 1e-6, (step, name)
-    assert all(p[name].shape[0] > 0 for p in (ranks[0]["pending"], ranks[1]["pending"]) for name in p)
+    assert all(p[name].shape[0] > 0 for p in (ranks[0]["before"], ranks[1]["before"]) for name in p)
