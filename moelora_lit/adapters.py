@@ -16,7 +16,7 @@ from torch import Tensor, nn
 
 from moelora_lit.aux import AuxGroup
 from moelora_lit.config import MoELoRAConfig
-from moelora_lit.queues import QUEUE_BUFFERS, gather_entries, push_grouped
+from moelora_lit.queues import gather_entries, is_queue_key, push_grouped
 
 ATTRIBUTE = "moelora_adapters"
 AUX_TERMS = ("contrastive", "balance", "z")
@@ -39,6 +39,8 @@ class MoELoRAAdapters:
         self.aux = AuxGroup()
         for layer in self.layers:
             layer.aux_group = self.aux
+        self.contrastive_layers = [layer for layer in self.layers if layer.config.contrastive_weight > 0]
+        self.fly_layers = [layer for layer in self.layers if getattr(layer, "layout", None) == "fly"]
         self._checked_checkpointing = False
 
     def attach(self, model: nn.Module) -> None:
@@ -69,8 +71,8 @@ class MoELoRAAdapters:
         weights = {"contrastive": config.contrastive_weight, "balance": config.balance_weight,
                    "z": config.z_loss_weight}
         per_layer = [layer.aux_losses for layer in self.layers]
-        fly = any(getattr(layer, "layout", None) == "fly" for layer in self.layers)   # its bias needs the counts
-        if (model.training and (any(weights.values()) or fly) and not self._checked_checkpointing
+        if (model.training and (any(weights.values()) or self.fly_layers)   # FlyLoRA's bias needs the counts
+                and not self._checked_checkpointing
                 and any(not terms for terms in per_layer)):
             check_checkpointing(model)  # a training forward left no terms: find out why (one module walk, once)
             self._checked_checkpointing = True
@@ -88,9 +90,9 @@ class MoELoRAAdapters:
     def step_end(self, all_gather: Callable[[Tensor], Tensor] | None = None) -> None:
         """What a training step leaves for after its backward: the contrastive queue push, and FlyLoRA's rank-bias
         update from the step's choices (summed over ranks under data parallelism, so every rank's bias agrees)."""
-        if any(layer.config.contrastive_weight > 0 for layer in self.layers):
+        if self.contrastive_layers:
             self.push_queues(all_gather)
-        fly = [layer for layer in self.layers if getattr(layer, "layout", None) == "fly"]
+        fly = self.fly_layers
         if not fly:
             return
         taken = [layer.take_bias_counts() for layer in fly]
@@ -112,7 +114,7 @@ class MoELoRAAdapters:
                 ranks. All ranks' anchors are then pushed, in rank order, on every rank, so the queues stay
                 identical everywhere (MoCo across devices). Every rank must call it at the same time.
         """
-        layers = [layer for layer in self.layers if layer.config.contrastive_weight > 0]
+        layers = self.contrastive_layers
         if not layers:
             return
         entries = self.aux.take_pending(layers)
@@ -132,7 +134,7 @@ class MoELoRAAdapters:
         """Copy adapter tensors, and queue buffers where ``state`` has them, into the layers; strict about names
         and shapes (every adapter tensor is required, queues are optional)."""
         own = self.state_dict(include_queues=True)
-        required = {k for k in own if k.rsplit(".", 1)[-1] not in QUEUE_BUFFERS}
+        required = {k for k in own if not is_queue_key(k)}
         missing = sorted(required - set(state))
         unexpected = sorted(set(state) - set(own))
         if missing or unexpected:

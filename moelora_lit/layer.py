@@ -98,8 +98,10 @@ class MoELoRALinear(RoutedAdapter):
         mask = self._real_tokens(tokens, x.device)
         a = self.lora_A(self.lora_dropout(x_flat))                                     # (T, rows of A)
         logits = None
+        counting = self.layout == "fly" and self.training and torch.is_grad_enabled() and not in_backward()
+        if counting and (left := self.take_bias_counts()) is not None:
+            self.update_rank_bias(left)    # the previous step's update, if nobody applied it after its backward
         if self.layout == "fly":
-            self._update_rank_bias_if_left()
             gates, chosen = implicit_route(a, self.rank_bias, c.top_k)                 # (T, r), (T, k)
             mix = gates * (c.top_k * self.scaling)                                     # 0/1 choice x scaling
         else:
@@ -119,12 +121,11 @@ class MoELoRALinear(RoutedAdapter):
 
         self.last_gates = gates.detach()
         self.last_token_mask = mask
-        if self.layout == "fly" and self.training and torch.is_grad_enabled() and not in_backward():
+        if counting:
             weight = gates.new_ones(tokens) if mask is None else mask.to(gates.dtype)
             self.bias_counts = ((gates > 0).to(gates.dtype) * weight[:, None]).sum(0)   # (r,) real tokens only
         if self._aux_enabled():
-            self._record_aux(experts if self.layout in ("slices", "independent") else None, gates, chosen, logits,
-                             mask)
+            self._record_aux(experts if self.layout in CONTRASTIVE_LAYOUTS else None, gates, chosen, logits, mask)
         else:
             self.aux_group.record(self, None, None)   # no terms; an earlier forward's anchors stay pending
         return result
@@ -140,13 +141,6 @@ class MoELoRALinear(RoutedAdapter):
         choices per rank (all ranks' under data parallelism); in place, a buffer, training steps only."""
         counts = counts.to(self.rank_bias.device, torch.float32)
         self.rank_bias.add_(self.config.bias_update_rate * torch.sign(counts.mean() - counts))
-
-    def _update_rank_bias_if_left(self) -> None:
-        """A training forward applies the previous step's update if nobody did after its backward."""
-        if self.training and torch.is_grad_enabled() and not in_backward():
-            counts = self.take_bias_counts()
-            if counts is not None:
-                self.update_rank_bias(counts)
 
     @property
     def router_name(self) -> str:

@@ -71,10 +71,7 @@ class RoutedAdapter(nn.Module):
     @property
     def device(self) -> torch.device:
         """Where the adapter's tensors live (read without walking the module)."""
-        return self.router.weight.device if self.router is not None else self.lora_B_weight().device
-
-    def lora_B_weight(self) -> Tensor:
-        return self.lora_B.weight
+        return self.router.weight.device if self.router is not None else self.lora_B.weight.device
 
     def trainable_count(self) -> int:
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
