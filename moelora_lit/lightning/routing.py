@@ -37,14 +37,15 @@ def _tag_name(name: str) -> str:
     return name[len("model."):] if name.startswith("model.") else name
 
 
-def heatmap_values(load: Tensor, acc: RoutingAccumulator) -> tuple[np.ndarray, float, str]:
+def heatmap_values(load: Tensor, counts: list[int]) -> tuple[np.ndarray, float, str]:
     """What a load heatmap shows: the share per expert (colour scale to twice the fair share 1/N) when every layer
     has N experts; with different counts per layer (MoLA, MixLoRA's LoRA layers beside its blocks) the share relative
     to the layer's own fair share (1 = balanced, scale to 2), so a 2-expert layer is not drawn saturated."""
-    if bool(acc.valid.all()):
-        return load.cpu().numpy(), 2.0 / acc.num_experts, "expert load share"
-    counts = acc.valid.sum(-1, keepdim=True).to(load.device, load.dtype)
-    relative = (load * counts).masked_fill(~acc.valid.to(load.device), float("nan"))   # no such expert: blank
+    if len(set(counts)) == 1:
+        return load.cpu().numpy(), 2.0 / counts[0], "expert load share"
+    n = torch.tensor(counts, device=load.device)[:, None]                                # (L, 1)
+    valid = torch.arange(load.shape[-1], device=load.device) < n                       # (L, N)
+    relative = (load * n.to(load.dtype)).masked_fill(~valid, float("nan"))           # no such expert: blank
     return relative.cpu().numpy(), 2.0, "expert load / the layer's fair share"
 
 
@@ -105,8 +106,11 @@ class RoutingStatsCallback(L.Callback):
         self._layers = [layer for _, layer in found]
         return bool(self._layers)
 
+    def _expert_counts(self) -> list[int]:
+        return [layer.num_experts for layer in self._layers]
+
     def _new_accumulator(self, pl_module: L.LightningModule) -> RoutingAccumulator:
-        return RoutingAccumulator(len(self._layers), [layer.num_experts for layer in self._layers], pl_module.device)
+        return RoutingAccumulator(len(self._layers), self._expert_counts(), pl_module.device)
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.tensorboard_layout:
@@ -171,7 +175,7 @@ class RoutingStatsCallback(L.Callback):
             writer = tensorboard_writer(trainer)
             every = self.heatmap_every_n_logs
             if writer is not None and metrics and every and (self._n_logs - 1) % every == 0:
-                load, vmax, what = heatmap_values(stats["load"], acc)
+                load, vmax, what = heatmap_values(stats["load"], self._expert_counts())
                 image = (heatmap_image(load, self._names, f"{what}, step {step}", vmax)
                          if self.heatmap_labels else heatmap_grid(load, vmax))
                 writer.add_image("routing/load_heatmap", image, step, dataformats="HWC")
@@ -229,8 +233,7 @@ class RoutingStatsCallback(L.Callback):
             logger.log_metrics(metrics, step=step)
         writer = tensorboard_writer(trainer)
         for dataset, r in results.items() if writer is not None else ():
-            layout = RoutingAccumulator(len(self._layers), [layer.num_experts for layer in self._layers])
-            load, vmax, what = heatmap_values(r["load"], layout)
+            load, vmax, what = heatmap_values(r["load"], self._expert_counts())
             vmax = max(vmax, float(np.nanmax(load)))
             image = heatmap_image(load, self._names, f"{stage} {what}: {dataset}", vmax)
             writer.add_image(f"routing/{stage}_load_heatmap/{dataset}", image, step, dataformats="HWC")
