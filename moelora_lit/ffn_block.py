@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelora_lit.config import MoELoRAConfig
+from moelora_lit.dropout import LoRADropout
 from moelora_lit.layer import base_features
 from moelora_lit.methods import FFN_PROJECTIONS
 from moelora_lit.routed import RoutedAdapter
@@ -55,7 +56,7 @@ class MixLoRAFFN(RoutedAdapter):
         device = mlp.gate_proj.weight.device
         self.hidden, self.intermediate = base_features(mlp.gate_proj)
         self.in_features = self.hidden
-        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         shapes = {"gate_proj": (self.hidden, self.intermediate), "up_proj": (self.hidden, self.intermediate),
                   "down_proj": (self.intermediate, self.hidden)}
         self.lora_A = nn.ModuleDict({k: nn.Linear(i, n * r, bias=False, device=device) for k, (i, _) in shapes.items()})

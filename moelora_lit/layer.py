@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moelora_lit.config import MoELoRAConfig
+from moelora_lit.dropout import LoRADropout
 from moelora_lit.methods import CONTRASTIVE_LAYOUTS
 from moelora_lit.queues import register_queue
 from moelora_lit.routed import RoutedAdapter, in_backward
@@ -59,7 +60,7 @@ class MoELoRALinear(RoutedAdapter):
         self.expert_dim = {"slices": r // n, "independent": r, "shared_a": r, "fly": 1}[layout]   # s
         a_rows = {"slices": r, "independent": n * r, "shared_a": r, "fly": r}[layout]
         b_cols = {"slices": r, "independent": n * r, "shared_a": n * r, "fly": r}[layout]
-        self.lora_dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.lora_dropout = LoRADropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.lora_A = nn.Linear(self.in_features, a_rows, bias=False, device=device)
         self.lora_B = nn.Linear(b_cols, self.out_features, bias=False, device=device)
         routed = n > 1 and config.router not in ("random", "implicit")
