@@ -97,7 +97,7 @@ class MoELoRALinear(RoutedAdapter):
         tokens = x.numel() // self.in_features
         x_flat = x.reshape(tokens, self.in_features).to(self.lora_B.weight.dtype)       # (T, in)
         mask = self._real_tokens(tokens, x.device)
-        a = self.lora_A(self.lora_dropout(x_flat))                                     # (T, rows of A)
+        a, router_logits = self._project(x_flat)                                       # (T, rows of A), (T, N)
         logits = None
         counting = self.layout == "fly" and self.training and torch.is_grad_enabled() and not in_backward()
         if counting and (left := self.take_bias_counts()) is not None:
@@ -106,7 +106,7 @@ class MoELoRALinear(RoutedAdapter):
             gates, chosen = implicit_route(a, self.rank_bias, c.top_k)                 # (T, r), (T, k)
             mix = gates * (c.top_k * self.scaling)                                     # 0/1 choice x scaling
         else:
-            logits = self.router(x_flat) if self.router is not None else None          # (T, N)
+            logits = router_logits
             noise_std = None
             if self.router_noise is not None and self.training:
                 noise_std = F.softplus(self.router_noise(x_flat))
@@ -130,6 +130,18 @@ class MoELoRALinear(RoutedAdapter):
         else:
             self.aux_group.record(self, None, None)   # no terms; an earlier forward's anchors stay pending
         return result
+
+    def _project(self, x_flat: Tensor) -> tuple[Tensor, Tensor | None]:
+        """A's projection of ``dropout(x)`` and the router's logits of ``x`` (None without a router). Without dropout
+        both read the same input, so they are one matmul against the stacked weights: fewer, larger matmuls forward
+        and backward (the stacking copies N + rows-of-A weight rows, a few KB)."""
+        if self.router is None:
+            return self.lora_A(self.lora_dropout(x_flat)), None
+        if isinstance(self.lora_dropout, nn.Identity) and self.router.weight.dtype == self.lora_A.weight.dtype:
+            both = F.linear(x_flat, torch.cat([self.lora_A.weight, self.router.weight]))
+            a, logits = both.split([self.lora_A.out_features, self.num_experts], dim=1)
+            return a, logits
+        return self.lora_A(self.lora_dropout(x_flat)), self.router(x_flat)
 
     # ----------------------------------------------------------------------------- FlyLoRA's bias
     def take_bias_counts(self) -> Tensor | None:

@@ -132,6 +132,33 @@ def test_forward_equals_per_expert_formula(router):
     torch.testing.assert_close(y, reference_output(layer, x, layer.last_gates), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_router_and_a_share_one_matmul_only_without_dropout(dropout):
+    """Without dropout the router's logits and A's projection come from one matmul against the stacked weights;
+    values and every gradient equal the separate computation (float64)."""
+    layer = make_layer("topk", r=8, num_experts=4, top_k=2, lora_dropout=dropout).double().train()
+    randomize(layer)
+    x = inputs(3, IN).double().requires_grad_()
+    with profile() as prof:
+        torch.manual_seed(7)
+        layer(x).square().sum().backward()
+    linears = sum(e.count for e in prof.key_averages() if e.key == "aten::linear")
+    assert linears == (3 if dropout == 0 else 4)                        # base, B and stacked, or A and router
+    got = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.router.weight, layer.lora_B.weight)]
+    for t in (x, layer.lora_A.weight, layer.router.weight, layer.lora_B.weight):
+        t.grad = None
+    torch.manual_seed(7)
+    dropped = layer.lora_dropout(x)
+    a = F.linear(dropped, layer.lora_A.weight)
+    logits = F.linear(x, layer.router.weight)
+    kept, chosen = logits.topk(2, -1)
+    gates = torch.zeros_like(logits).scatter(-1, chosen, kept.softmax(-1))
+    mixed = (a.view(3, 4, 2) * gates[..., None] * layer.scaling).reshape(3, -1)
+    (layer.base_layer(x) + layer.lora_B(mixed)).square().sum().backward()
+    for g, t in zip(got, (x, layer.lora_A.weight, layer.router.weight, layer.lora_B.weight)):
+        torch.testing.assert_close(g, t.grad)
+
+
 def test_only_the_chosen_experts_receive_gradient():
     layer = make_layer("topk", r=8, num_experts=4, top_k=2).train()
     randomize(layer)
