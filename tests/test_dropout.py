@@ -18,9 +18,10 @@ def test_drop_rate_is_p_in_every_lane(p):
     """Each of the four 15-bit lanes cut from one 64-bit draw drops at rate p (a lane with a missing bit would
     drop at 2p or 0); bounds are 5 standard errors of 250,000 Bernoulli draws."""
     torch.manual_seed(0)
-    mask, scale = keep_mask(torch.Size([4 * 250_000]), p, torch.device("cpu"))
-    assert mask.dtype == torch.bool
-    per_lane = 1 - mask.view(-1, 4).float().mean(0)                       # drop rate of each lane
+    scaled = keep_mask(torch.Size([4 * 250_000]), p, torch.float32, torch.device("cpu"))
+    scale = RESOLUTION / (RESOLUTION - keep_threshold(p))
+    assert set(scaled.unique().tolist()) == {0.0, torch.tensor(scale, dtype=torch.float32).item()}
+    per_lane = 1 - (scaled > 0).view(-1, 4).float().mean(0)               # drop rate of each lane
     bound = 5 * math.sqrt(p * (1 - p) / 250_000)
     assert (per_lane - p).abs().max().item() < bound, per_lane
     assert scale * (1 - keep_threshold(p) / RESOLUTION) == pytest.approx(1.0, abs=1e-12)   # unbiased
@@ -31,8 +32,7 @@ def test_masks_are_not_correlated_across_positions():
     """Neighbouring elements (same 64-bit draw) are independent: P(both dropped) = p^2 within 5 standard errors."""
     torch.manual_seed(1)
     p = 0.3
-    mask, _ = keep_mask(torch.Size([1_000_000]), p, torch.device("cpu"))
-    dropped = ~mask.view(-1, 2)
+    dropped = (keep_mask(torch.Size([1_000_000]), p, torch.float32, torch.device("cpu")) == 0).view(-1, 2)
     both = (dropped[:, 0] & dropped[:, 1]).float().mean().item()
     assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / 500_000)
 
@@ -81,9 +81,8 @@ def test_adapter_layer_uses_it_and_matches_a_reference_forward():
     torch.manual_seed(5)
     trained = layer.train()(x)
     torch.manual_seed(5)
-    mask, scale = keep_mask(x.shape, 0.25, x.device)
+    dropped = x * keep_mask(x.shape, 0.25, x.dtype, x.device)
     layer.eval()
-    dropped = x * mask * scale
     a = layer.lora_A(dropped)
     gates = torch.softmax(layer.router(x).topk(2, -1).values, -1)
     full = torch.zeros(10, 4).scatter(-1, layer.router(x).topk(2, -1).indices, gates)
