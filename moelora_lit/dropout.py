@@ -3,10 +3,10 @@
 On CPU, ``torch.nn.functional.dropout`` draws one float32 Bernoulli sample per element from the Mersenne twister
 and keeps a float32 mask for backward; with dropout on every adapted projection (LoRAMoE, MoLA, MixLoRA: all seven,
 and MixLoRA's down projection once per selected expert) the draws cost more than the adapters' matmuls. Here the
-mask comes from 15-bit uniform integers, four per 64-bit draw, compared straight into the input's dtype: the same
-Bernoulli mask up to the resolution of the keep probability (``p`` rounded to a multiple of 2^-15, kept values scaled by the
-exact inverse of the rounded keep rate, so the layer stays unbiased). Other devices use ``F.dropout`` (fused there).
-``benchmarks/README.md`` has the timings.
+mask comes from 15-bit uniform integers, four per 64-bit draw, compared straight into the input's dtype: the
+same Bernoulli mask up to the resolution of the keep probability (``p`` rounded to a multiple of 2^-15, kept values
+scaled by the exact inverse of the rounded keep rate, so the layer stays unbiased). Other devices use
+``F.dropout`` (fused there). ``benchmarks/README.md`` has the timings.
 """
 
 from __future__ import annotations

@@ -155,7 +155,7 @@ def test_router_and_a_share_one_matmul_only_without_dropout(dropout):
     gates = torch.zeros_like(logits).scatter(-1, chosen, kept.softmax(-1))
     mixed = (a.view(3, 4, 2) * gates[..., None] * layer.scaling).reshape(3, -1)
     (layer.base_layer(x) + layer.lora_B(mixed)).square().sum().backward()
-    for g, t in zip(got, (x, layer.lora_A.weight, layer.router.weight, layer.lora_B.weight)):
+    for g, t in zip(got, (x, layer.lora_A.weight, layer.router.weight, layer.lora_B.weight), strict=True):
         torch.testing.assert_close(g, t.grad)
 
 

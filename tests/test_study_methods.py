@@ -86,4 +86,6 @@ def test_reused_arms_need_no_run_and_new_arms_start_with_their_grids(tmp_path: P
     assert not [j for j in jobs if j.meta.get("arm") in ("lora", "moelora", "moelora_no_contrastive")
                 or j.meta.get("method") in ("zero_shot", "lora", "moelora", "moelora_no_contrastive")]
     seeds = [j.meta.get("seed") for j in jobs if j.label.startswith("train")]
-    assert seeds == sorted(seeds, key=lambda s: s != methods.SEEDS[0])  # first-seed (grid) runs come first
+    assert seeds == [methods.SEEDS[0]] * len(seeds)                      # no choice yet: only the grids' runs
+    order = list(dict.fromkeys(j.meta["arm"] for j in jobs if j.label.startswith("train")))
+    assert order == [a for a in methods.read_arms() if a in order]       # one arm after another, arms.yaml's order

@@ -380,13 +380,18 @@ def status(study: Study, per_step: float | None = None) -> str:
 
 
 def ordered_jobs(study: Study, phase: str) -> list[Job]:
-    """Priority: the new arms' lr grids (first seed), log-likelihood evaluations, the other seeds, generation."""
+    """Priority: one arm at a time, in ``arms.yaml``'s order, so that each arm's result is whole before the next
+    arm's runs start: its lr grid (first seed), its other seeds, its log-likelihood evaluations; generation last.
+    With two runs at a time, the second takes the next arm's grid while an arm waits for its choice."""
     train = study.train_jobs() if phase in ("train", "all") else []
     evals = study.eval_jobs() if phase in ("evaluate", "all") else []
-    first = [j for j in train if j.meta["seed"] == SEEDS[0]]
-    later = [j for j in train if j.meta["seed"] != SEEDS[0]]
+    rank = {arm: i for i, arm in enumerate(study.arms)}          # zero-shot (no arm) first
+
+    def arm_rank(job: Job) -> int:
+        return rank.get(job.meta.get("arm", job.meta.get("method")), -1)
+
     fast = [j for j in evals if "generate" not in j.label]
-    return first + fast + later + [j for j in evals if "generate" in j.label]
+    return sorted(train + fast, key=arm_rank) + [j for j in evals if "generate" in j.label]
 
 
 def main(argv: list[str] | None = None) -> int:
