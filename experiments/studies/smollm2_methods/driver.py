@@ -12,7 +12,9 @@ The arms are data (``arms.yaml``: stacked presets, grids, ranks); the protocol i
 (``experiments/studies/smollm2_commonsense/moelora.yaml``), whose committed records (``runs.csv``,
 ``examples.csv.gz``, ``routing/``) give the arms it already ran (zero-shot, LoRA, MoELoRA, MoELoRA without the
 contrastive loss); they are read from there, not copied. This study's own records in ``results/`` hold the new arms.
-The machinery is :mod:`moelora_lit.analysis` (``study``: grids and choices, ``runner``: jobs, ``records``: tables).
+The machinery is :mod:`moelora_lit.analysis` (``study``: grids and choices, ``runner``: jobs, ``records``: tables);
+beside this file, ``methods_protocol.py`` holds the protocol as data, ``methods_routing.py`` the routing analysis and
+``methods_sizing.py`` the parameter counts and step times.
 """
 
 from __future__ import annotations
@@ -20,55 +22,35 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the study's helpers beside this file
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-import yaml  # noqa: E402
+from methods_protocol import (  # noqa: E402
+    CSV_COLUMNS,
+    EVALUATIONS,
+    METHODS,
+    METRIC,
+    OLD_RESULTS,
+    RESULTS,
+    ROOT,
+    SCORED,
+    SEEDS,
+    SETS,
+    STEPS,
+    TABLES,
+    arms,
+    read_arms,
+)
+from methods_routing import write_routing  # noqa: E402
+from methods_sizing import step_times, write_params  # noqa: E402
 
-from moelora_lit.analysis import records, routing  # noqa: E402
-from moelora_lit.analysis.logs import newest  # noqa: E402
+from moelora_lit.analysis import records  # noqa: E402
 from moelora_lit.analysis.runner import Job, portable, run_jobs  # noqa: E402
-from moelora_lit.analysis.stats import paired_t  # noqa: E402
-from moelora_lit.analysis.study import Arm, Evaluation, Study  # noqa: E402
-
-HERE = Path(__file__).resolve().parent.relative_to(ROOT)  # configs are named relative to the repository root
-RESULTS = ROOT / HERE / "results"
-OLD_RESULTS = ROOT / "experiments" / "studies" / "smollm2_commonsense" / "results"  # the reused arms' records
-ARMS_FILE = ROOT / HERE / "arms.yaml"
-METHODS = ["zero_shot", "lora", "moelora", "moelora_no_contrastive", "loramoe", "hydralora", "mola", "flylora",
-           "mixlora"]
-SEEDS = (0, 1, 2)
-METRIC = "val/loss"  # the mean over the three validation slices' response loss after the epoch; lower is better
-LOGLIK = ("--model.scoring=loglikelihood",)
-EVALUATIONS = [Evaluation("loglikelihood-training", (*LOGLIK, "--model.loglik_prompt=training")),
-               Evaluation("loglikelihood-harness", (*LOGLIK, "--model.loglik_prompt=harness"), trained=False),
-               Evaluation("generate", limit=200)]  # the same three as smollm2_commonsense (harness: base only)
-SCORED = {"loglikelihood-training": ("loglikelihood", "training"), "generate": ("generate", "training")}
-SETS = {"arc_e": "ARC-Easy", "boolq": "BoolQ", "piqa": "PIQA (transfer)"}
-TABLES = [(("loglikelihood-training",), "acc", "Log-likelihood scoring in the training prompt, `acc`"),
-          (("loglikelihood-training",), "acc_norm", "Log-likelihood scoring, `acc_norm` (per-character normalised)"),
-          (("generate",), "acc", "Generation (greedy, first 200 rows of each set; the first line must name an option)")]
-CSV_COLUMNS = ["method", "seed", "dataset", "scoring", "prompt", "acc", "acc_norm", "n", "lr", "trainable_params"]
-STEPS = 240  # one epoch of 1920 rows in batches of 8
-
-
-def read_arms(path: Path = ARMS_FILE) -> dict[str, dict]:
-    """``arms.yaml``: arm -> ``{configs, grid, follow, rank, reused}``."""
-    return yaml.safe_load(path.read_text())
-
-
-def arms(table: dict[str, dict] | None = None) -> dict[str, Arm]:
-    table = table or read_arms()
-    return {name: Arm(tuple(spec["configs"]), grid={k: tuple(str(v) for v in vs)
-                                                    for k, vs in (spec.get("grid") or {}).items()},
-                      follow=spec.get("follow")) for name, spec in table.items()}
+from moelora_lit.analysis.study import Study  # noqa: E402
 
 
 def comparisons(names: list[str]) -> list[tuple[str, str, None]]:
@@ -211,160 +193,6 @@ def write_tables(study: Study, results: Path = RESULTS, out: Path | None = None,
     body = records.markdown(summary, SETS, TABLES) if len(scored) else "No evaluation recorded yet.\n"
     (out / "table.md").write_text(answer(summary, step_seconds(grid, results), params, picked) + "\n" + body)
     print(f"tables from {len(record)} examples -> {out}")
-
-
-# ------------------------------------------------------------------------------------------------ routing
-def load_probes(results: Path = RESULTS, old: Path = OLD_RESULTS) -> dict[tuple[str, int], dict]:
-    probes = routing.load_summaries(old / "routing") | routing.load_summaries(results / "routing")
-    return {k: v for k, v in probes.items() if k[0] in METHODS}
-
-
-def block_of(layer: str) -> int:
-    return int(re.search(r"layers\.(\d+)\.", layer).group(1))
-
-
-def routing_tables(probes: dict[tuple[str, int], dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(per arm: layer-mean specialisation at step 0 and trained, the permutation null, and trained minus step 0
-    paired over seeds; per arm and block: trained minus step 0 and step 0 minus its null, means over seeds)."""
-    spec = routing.specialisation_table(probes)
-    rows = []
-    for method in [m for m in METHODS if m in set(spec["method"])]:
-        part = spec[spec["method"] == method].pivot_table(index="seed", columns="state",
-                                                          values=["specialisation", "null", "p", "layers_p05"])
-        gain = paired_t(part[("specialisation", "trained")], part[("specialisation", "step0")])
-        over_null = paired_t(part[("specialisation", "step0")], part[("null", "step0")])
-        layers = len(next(v for k, v in probes.items() if k[0] == method)["layers"])
-        rows.append({"method": method, "seeds": len(part), "routed_layers": layers,
-                     "step0": part[("specialisation", "step0")].mean(), "step0_null": part[("null", "step0")].mean(),
-                     "step0_minus_null": over_null["diff"], "step0_minus_null_low": over_null["low"],
-                     "step0_minus_null_high": over_null["high"],
-                     "step0_layers_p05": part[("layers_p05", "step0")].mean(),
-                     "trained": part[("specialisation", "trained")].mean(),
-                     "trained_null": part[("null", "trained")].mean(),
-                     "trained_layers_p05": part[("layers_p05", "trained")].mean(),
-                     "gain": gain["diff"], "gain_low": gain["low"], "gain_high": gain["high"], "gain_p": gain["p"]})
-    depth = []
-    for (method, seed), s in probes.items():
-        for layer, a, b, null in zip(s["layers"], s["trained"]["specialisation"], s["step0"]["specialisation"],
-                                     s["step0"]["null_mean"], strict=True):
-            depth.append({"method": method, "seed": seed, "block": block_of(layer), "gain": a - b,
-                          "step0_over_null": b - null})
-    depth = pd.DataFrame(depth, columns=["method", "seed", "block", "gain", "step0_over_null"])
-    depth = depth.groupby(["method", "block", "seed"]).mean().groupby(["method", "block"]).agg(
-        gain=("gain", "mean"), step0_over_null=("step0_over_null", "mean"), seeds=("gain", "size")).reset_index()
-    return pd.DataFrame(rows), depth
-
-
-def write_routing(results: Path = RESULTS, out: Path | None = None, figure: bool = True,
-                  old: Path = OLD_RESULTS) -> None:
-    """Per arm, routing against its untrained router and the permutation null (``routing_arms.csv``), per arm and
-    block (``routing_depth.csv``) and the figure of arms by depth (``routing_depth.png``)."""
-    out = out or results / "routing"
-    out.mkdir(parents=True, exist_ok=True)
-    probes = load_probes(results, old)
-    arms_table, depth = routing_tables(probes)
-    arms_table.to_csv(out / "routing_arms.csv", index=False, float_format="%.6g")
-    depth.to_csv(out / "routing_depth.csv", index=False, float_format="%.6g")
-    if figure and len(depth):
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharex=True)
-        for method, block in depth.groupby("method", sort=False):
-            n = int(block["seeds"].max())
-            axes[0].plot(block["block"], block["gain"], marker=".", label=f"{method} (seeds {n})")
-            axes[1].plot(block["block"], block["step0_over_null"], marker=".", label=method)
-        axes[0].axhline(0, color="grey", lw=0.8)
-        axes[1].axhline(0, color="grey", lw=0.8)
-        axes[0].set(title="trained minus step 0 (task specialisation, bits)", xlabel="block", ylabel="JS bits")
-        axes[1].set(title="step 0 minus its permutation null", xlabel="block")
-        axes[0].legend(fontsize=7)
-        fig.suptitle("SmolLM2-135M methods study: routing of held-out rows by depth (mean over a block's routed "
-                     "layers and seeds)", fontsize=9)
-        fig.tight_layout()
-        fig.savefig(out / "routing_depth.png", dpi=110)
-    print(f"wrote routing_arms.csv, routing_depth.csv{', routing_depth.png' if figure else ''} to {out}")
-
-
-# ------------------------------------------------------------------------------------------ sizing phases
-def write_params(results: Path = RESULTS) -> pd.DataFrame:
-    """``params.csv``: each arm's trainable count (the configs built on the meta device) against LoRA r 32's."""
-    from moelora_lit.flops import adapter_flops_per_token, base_flops_per_token
-    from moelora_lit.lightning.describe_run import describe_config
-
-    table = read_arms()
-    rows, flops = [], []
-    for arm, spec in table.items():
-        args = [x for c in spec["configs"] for x in ("--config", c)]
-        d = describe_config(args)
-        rows.append({"arm": arm, "rank": spec["rank"], "trainable_params": d["trainable_params"]})
-        flops.append({"arm": arm, "adapter_executed": adapter_flops_per_token(d, executed=True)["matmul"],
-                      "adapter_method": adapter_flops_per_token(d)["matmul"]})
-    frame = pd.DataFrame(rows)
-    frame["ratio_to_lora"] = (frame["trainable_params"] / frame.loc[frame["arm"] == "lora", "trainable_params"].iloc[0]
-                              ).round(4)
-    frame.to_csv(results / "params.csv", index=False)
-    # matmul FLOPs per token of a training step (forward + backward, moelora_lit.flops; auxiliary terms not
-    # counted), the load-free side of the cost: the adapter as the package runs it and as the method defines it
-    # (only the routed experts), and the frozen base at 64 positions
-    base = base_flops_per_token({"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
-                                 "num_attention_heads": 9, "num_key_value_heads": 3, "vocab_size": 49152}, 64)
-    cost = pd.DataFrame(flops)
-    cost["base_seq64"] = base["total"]
-    lora = cost.loc[cost["arm"] == "lora", "adapter_executed"].iloc[0]
-    cost["step_ratio_to_lora"] = ((cost["base_seq64"] + cost["adapter_executed"]) / (base["total"] + lora)).round(4)
-    cost.to_csv(results / "flops.csv", index=False, float_format="%.6g")
-    print(frame.to_string(index=False), cost.to_string(index=False), sep="\n")
-    return frame
-
-
-def gflops(threads: int = 2, size: int = 1024, reps: int = 30) -> float:
-    """float32 ``size`` x ``size`` matmul GFLOPS at ``threads`` threads, best of 3 x ``reps``."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 * reps / best / 1e9
-
-
-def step_times(out: Path, jobs: int, steps: int = 8, results: Path = RESULTS) -> None:
-    """Seconds per training step of every arm (``steps`` steps, one thread each, ``jobs`` at a time): the median
-    of the wall-time differences of successive logged losses; ``step_times.csv`` and the machine's GFLOPS."""
-    from moelora_lit.analysis.logs import read_scalars, seconds_per_step
-    from moelora_lit.analysis.runner import fit_command
-
-    spec = arms()
-    variants = {name: Study.variant(name, {k: v[0] for k, v in a.grid.items()}) for name, a in spec.items()}
-    todo = []
-    for name, a in spec.items():
-        folder = out / "steptime" / variants[name]
-        extra = [f"--{k}={v[0]}" for k, v in a.grid.items()] + [
-            f"--trainer.max_steps={steps}", "--trainer.log_every_n_steps=1", "--test_after_fit=false",
-            "--trainer.limit_val_batches=0"]
-        todo.append(Job(f"steptime {name}", folder, fit_command(a.configs, folder, 0, extra),
-                        done=lambda f: newest(f, "adapter.safetensors") is not None))
-    before = gflops(2)
-    failed = run_jobs(todo, jobs=jobs, threads=1)
-    after = gflops(2)
-    rows = []
-    for name in spec:
-        adapter = newest(out / "steptime" / variants[name], "adapter.safetensors")
-        scalars = read_scalars(adapter.parents[1]) if adapter else None
-        rows.append({"arm": name, "steps": steps, "s_per_step": seconds_per_step(scalars) if adapter else None})
-    frame = pd.DataFrame(rows)
-    frame.to_csv(results / "step_times.csv", index=False)
-    note = (f"float32 1024x1024 matmul, 2 threads: {before:.0f} GFLOPS before, {after:.0f} after "
-            f"(load average {os.getloadavg()[0]:.1f}); {jobs} arm(s) at a time, 1 thread each\n")
-    (results / "step_times.txt").write_text(note)
-    print(frame.to_string(index=False), note, failed, sep="\n")
 
 
 # ------------------------------------------------------------------------------------------------- status
