@@ -104,7 +104,7 @@ class MoELoRALinear(RoutedAdapter):
             self.update_rank_bias(left)    # the previous step's update, if nobody applied it after its backward
         if self.layout == "fly":
             gates, chosen = implicit_route(a, self.rank_bias, c.top_k)                 # (T, r), (T, k)
-            mix = gates * (c.top_k * self.scaling)                                     # 0/1 choice x scaling
+            gate_scale = c.top_k * self.scaling                                        # 0/1 choice x scaling
         else:
             logits = router_logits
             noise_std = None
@@ -114,11 +114,16 @@ class MoELoRALinear(RoutedAdapter):
             if c.router == "random" and not self.training:               # reproducible evaluation
                 generator = torch.Generator(device=x.device).manual_seed(self.eval_seed)
             gates, chosen = route(logits, c.router, c.top_k, n, tokens, x_flat, noise_std, generator)
-            mix = gates * self.scaling
+            gate_scale = self.scaling
         experts = a.view(tokens, 1, -1).expand(tokens, n, -1) if self.layout == "shared_a" else a.view(tokens, n, -1)
-        mixed = (experts * mix.to(a.dtype)[..., None]).reshape(tokens, -1)             # (T, N * s)
-        delta = self.lora_B(mixed)                                                     # (T, out)
-        result = result + delta.view(result.shape).to(result.dtype)
+        mixed = (experts * gates.to(a.dtype)[..., None]).reshape(tokens, -1)           # (T, N * s)
+        b_weight = self.lora_B.weight
+        if result.dtype == b_weight.dtype:
+            # result + scaling * B mixed as one GEMM: the scaling rides in its alpha, the sum in its beta (its
+            # backward scales only the small (T, N * s) and (out, N * s) gradients).
+            result = torch.addmm(result.reshape(tokens, -1), mixed, b_weight.t(), alpha=gate_scale).view(result.shape)
+        else:                                                                          # e.g. a bf16 or 4-bit base
+            result = result + (F.linear(mixed, b_weight) * gate_scale).view(result.shape).to(result.dtype)
 
         self.last_gates = gates.detach()
         self.last_token_mask = mask
@@ -132,16 +137,23 @@ class MoELoRALinear(RoutedAdapter):
         return result
 
     def _project(self, x_flat: Tensor) -> tuple[Tensor, Tensor | None]:
-        """A's projection of ``dropout(x)`` and the router's logits of ``x`` (None without a router). Without dropout
-        both read the same input, so they are one matmul against the stacked weights: fewer, larger matmuls forward
-        and backward (the stacking copies N + rows-of-A weight rows, a few KB)."""
+        """A's projection of ``dropout(x)`` and the router's logits of ``x`` (None without a router).
+
+        The weights are read directly (``F.linear``), not through the submodules' calls: at decoding's few tokens
+        per step a module call costs as much as the matmul it wraps. With gradients on and no dropout, the router
+        and A read the same input and run as one matmul against the stacked weights: fewer, larger matmuls forward
+        and backward (the stacking copies N + rows-of-A weight rows, a few KB); without gradients (decoding,
+        scoring) the copy would cost more than the second matmul it saves."""
+        a_weight = self.lora_A.weight
+        dropped = x_flat if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x_flat)
         if self.router is None:
-            return self.lora_A(self.lora_dropout(x_flat)), None
-        if isinstance(self.lora_dropout, nn.Identity) and self.router.weight.dtype == self.lora_A.weight.dtype:
-            both = F.linear(x_flat, torch.cat([self.lora_A.weight, self.router.weight]))
-            a, logits = both.split([self.lora_A.out_features, self.num_experts], dim=1)
+            return F.linear(dropped, a_weight), None
+        router_weight = self.router.weight
+        if dropped is x_flat and torch.is_grad_enabled() and router_weight.dtype == a_weight.dtype:
+            both = F.linear(x_flat, torch.cat([a_weight, router_weight]))
+            a, logits = both.split([a_weight.shape[0], self.num_experts], dim=1)
             return a, logits
-        return self.lora_A(self.lora_dropout(x_flat)), self.router(x_flat)
+        return F.linear(dropped, a_weight), F.linear(x_flat, router_weight)
 
     # ----------------------------------------------------------------------------- FlyLoRA's bias
     def take_bias_counts(self) -> Tensor | None:

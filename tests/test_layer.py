@@ -132,18 +132,27 @@ def test_forward_equals_per_expert_formula(router):
     torch.testing.assert_close(y, reference_output(layer, x, layer.last_gates), atol=1e-5, rtol=1e-5)
 
 
+def forward_matmuls(layer, x) -> int:
+    """Matmul kernels (``mm``, ``addmm``) that one forward of ``layer`` runs."""
+    with profile() as prof:
+        layer(x)
+    return sum(e.count for e in prof.key_averages() if e.key in ("aten::mm", "aten::addmm"))
+
+
 @pytest.mark.parametrize("dropout", [0.0, 0.2])
 def test_router_and_a_share_one_matmul_only_without_dropout(dropout):
-    """Without dropout the router's logits and A's projection come from one matmul against the stacked weights;
-    values and every gradient equal the separate computation (float64)."""
+    """With gradients on and without dropout the router's logits and A's projection come from one matmul against
+    the stacked weights, and B's product is added into the base output by the same GEMM (``addmm``); values and
+    every gradient equal the separate computation (float64). Without gradients (decoding) nothing is stacked."""
     layer = make_layer("topk", r=8, num_experts=4, top_k=2, lora_dropout=dropout).double().train()
     randomize(layer)
     x = inputs(3, IN).double().requires_grad_()
-    with profile() as prof:
-        torch.manual_seed(7)
-        layer(x).square().sum().backward()
-    linears = sum(e.count for e in prof.key_averages() if e.key == "aten::linear")
-    assert linears == (3 if dropout == 0 else 4)                        # base, B and stacked, or A and router
+    assert forward_matmuls(layer, x) == (3 if dropout == 0 else 4)      # base, stacked, B; or base, A, router, B
+    with torch.no_grad():
+        assert forward_matmuls(layer.eval(), x) == 4
+    layer.train()
+    torch.manual_seed(7)
+    layer(x).square().sum().backward()
     got = [t.grad.clone() for t in (x, layer.lora_A.weight, layer.router.weight, layer.lora_B.weight)]
     for t in (x, layer.lora_A.weight, layer.router.weight, layer.lora_B.weight):
         t.grad = None
