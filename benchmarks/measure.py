@@ -23,6 +23,7 @@ except ImportError:
 from presets import FAMILY, Sizes, method_adapter  # noqa: E402
 
 from moelora_lit import MoELoRAConfig, collect_aux_losses, inject_moelora, push_queues, set_token_mask  # noqa: E402
+from moelora_lit.analysis.machine import matmul_gflops  # noqa: E402,F401  (the benchmarks' GFLOPS probe)
 
 MB = 1024 * 1024
 
@@ -42,22 +43,6 @@ def quartiles(values: list[float]) -> tuple[float, float]:
         return (values[0], values[0]) if values else (float("nan"), float("nan"))
     q = statistics.quantiles(values, n=4, method="inclusive")
     return q[0], q[2]
-
-
-def matmul_gflops(n: int = 1024, reps: int = 5, device: torch.device | str = "cpu") -> float:
-    """float32 GFLOPS of an ``n x n`` matmul on ``device`` (CPU: at torch's current thread count), best of ``reps``."""
-    device = torch.device(device)
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g).to(device), torch.randn(n, n, generator=g).to(device)
-    a @ b  # warm-up
-    best = math.inf
-    for _ in range(reps):
-        sync(device)
-        t0 = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - t0)
-    return 2 * n**3 / best / 1e9
 
 
 # --------------------------------------------------------------------------------------------- models

@@ -4,13 +4,13 @@ seconds per step measured alone (``driver.py steptime``)."""
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pandas as pd
 from methods_protocol import RESULTS, arms, read_arms
 
 from moelora_lit.analysis.logs import newest
+from moelora_lit.analysis.machine import matmul_gflops
 from moelora_lit.analysis.runner import Job, run_jobs
 from moelora_lit.analysis.study import Study
 
@@ -46,21 +46,6 @@ def write_params(results: Path = RESULTS) -> pd.DataFrame:
     return frame
 
 
-def gflops(threads: int = 2, size: int = 1024, reps: int = 30) -> float:
-    """float32 ``size`` x ``size`` matmul GFLOPS at ``threads`` threads, best of 3 x ``reps``."""
-    import torch
-
-    torch.set_num_threads(threads)
-    a, b = torch.randn(size, size), torch.randn(size, size)
-    best = float("inf")
-    for _ in range(3):
-        start = time.perf_counter()
-        for _ in range(reps):
-            a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 * reps / best / 1e9
-
-
 def step_times(out: Path, jobs: int, steps: int = 8, results: Path = RESULTS) -> None:
     """Seconds per training step of every arm (``steps`` steps, one thread each, ``jobs`` at a time): the median
     of the wall-time differences of successive logged losses; ``step_times.csv`` and the machine's GFLOPS."""
@@ -77,9 +62,9 @@ def step_times(out: Path, jobs: int, steps: int = 8, results: Path = RESULTS) ->
             "--trainer.limit_val_batches=0"]
         todo.append(Job(f"steptime {name}", folder, fit_command(a.configs, folder, 0, extra),
                         done=lambda f: newest(f, "adapter.safetensors") is not None))
-    before = gflops(2)
+    before = matmul_gflops(threads=2, reps=3, inner=30)
     failed = run_jobs(todo, jobs=jobs, threads=1)
-    after = gflops(2)
+    after = matmul_gflops(threads=2, reps=3, inner=30)
     rows = []
     for name in spec:
         adapter = newest(out / "steptime" / variants[name], "adapter.safetensors")
