@@ -10,7 +10,6 @@ import pandas as pd
 from methods_protocol import RESULTS, arms, read_arms
 
 from moelora_lit.analysis.logs import newest
-from moelora_lit.analysis.machine import matmul_gflops
 from moelora_lit.analysis.runner import Job, run_jobs
 from moelora_lit.analysis.study import Study
 
@@ -50,6 +49,7 @@ def step_times(out: Path, jobs: int, steps: int = 8, results: Path = RESULTS) ->
     """Seconds per training step of every arm (``steps`` steps, one thread each, ``jobs`` at a time): the median
     of the wall-time differences of successive logged losses; ``step_times.csv`` and the machine's GFLOPS."""
     from moelora_lit.analysis.logs import read_scalars, seconds_per_step
+    from moelora_lit.analysis.machine import matmul_gflops
     from moelora_lit.analysis.runner import fit_command
 
     spec = arms()
