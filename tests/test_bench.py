@@ -199,3 +199,14 @@ def test_scaling_runs_at_tiny(tmp_path):
     assert {(r["sweep"], r["value"]) for r in rows} == {("experts", 1), ("experts", 2), ("queue", 32), ("queue", 64)}
     assert all(positive_finite(r["step_ms_median"]) and positive_finite(r["peak_memory_mb"]) for r in rows)
     assert (tmp_path / "scaling.csv").read_text().startswith("sweep,value,")
+
+
+def test_matmul_gflops_is_positive_and_restores_the_thread_count():
+    import torch
+
+    from moelora_lit.machine import matmul_gflops
+
+    before = torch.get_num_threads()
+    speed = matmul_gflops(n=128, reps=2, threads=1, inner=2)
+    assert speed > 0 and speed == speed                                  # finite, not NaN
+    assert torch.get_num_threads() == before

@@ -49,8 +49,8 @@ def step_times(out: Path, jobs: int, steps: int = 8, results: Path = RESULTS) ->
     """Seconds per training step of every arm (``steps`` steps, one thread each, ``jobs`` at a time): the median
     of the wall-time differences of successive logged losses; ``step_times.csv`` and the machine's GFLOPS."""
     from moelora_lit.analysis.logs import read_scalars, seconds_per_step
-    from moelora_lit.analysis.machine import matmul_gflops
     from moelora_lit.analysis.runner import fit_command
+    from moelora_lit.machine import matmul_gflops
 
     spec = arms()
     variants = {name: Study.variant(name, {k: v[0] for k, v in a.grid.items()}) for name, a in spec.items()}
