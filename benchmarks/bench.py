@@ -42,7 +42,6 @@ from measure import (  # noqa: E402
     build_variants,
     load_1min,
     make_batch,
-    matmul_gflops,
     median,
     quartiles,
     time_generation,
@@ -60,6 +59,8 @@ from presets import (  # noqa: E402
     Sizes,
     targets_for,
 )
+
+from moelora_lit.machine import matmul_gflops  # noqa: E402
 
 TARGETS = targets_for("default")  # the default preset's targets (kept for importers of bench.TARGETS)
 

@@ -23,7 +23,6 @@ except ImportError:
 from presets import FAMILY, Sizes, method_adapter  # noqa: E402
 
 from moelora_lit import MoELoRAConfig, collect_aux_losses, inject_moelora, push_queues, set_token_mask  # noqa: E402
-from moelora_lit.machine import matmul_gflops  # noqa: E402,F401  (the benchmarks' GFLOPS probe)
 
 MB = 1024 * 1024
 

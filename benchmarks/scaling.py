@@ -26,9 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # presets.py and measure.py beside this file
 
-from measure import build_variants, make_batch, matmul_gflops, median, quartiles, time_steps  # noqa: E402
+from measure import build_variants, make_batch, median, quartiles, time_steps  # noqa: E402
 from memory import measure_memory  # noqa: E402
 from presets import BASELINE, PRESETS, Sizes  # noqa: E402
+
+from moelora_lit.machine import matmul_gflops  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 VARIANT_NAMES = ["peft_lora", "moelora", "moelora_no_cl"]

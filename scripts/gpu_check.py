@@ -290,7 +290,7 @@ def main(argv: list[str] | None = None) -> int:
     if not cuda:  # the compiled CPU contrastive kernel costs seconds of compilation per shape: not what --cpu checks
         os.environ.setdefault("MOELORA_COMPILE_CONTRASTIVE", "0")
     device = torch.device("cuda" if cuda else "cpu")
-    from measure import matmul_gflops  # benchmarks/measure.py
+    from moelora_lit.machine import matmul_gflops
 
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:

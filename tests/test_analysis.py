@@ -172,4 +172,3 @@ def test_methods_are_compared_on_the_seeds_all_of_them_have():
     assert stats.shared_seeds(df) == [0, 1]
     acc = stats.interval_table(df).set_index(["method", "task"])
     assert acc.loc[("lora", "a"), "seeds"] == 2 and acc.loc[("lora", "a"), "mean"] == pytest.approx(0.15)
-
