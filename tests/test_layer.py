@@ -132,6 +132,24 @@ def test_forward_equals_per_expert_formula(router):
     torch.testing.assert_close(y, reference_output(layer, x, layer.last_gates), atol=1e-5, rtol=1e-5)
 
 
+def test_a_base_of_another_dtype_gets_the_adapter_delta_in_its_own_dtype():
+    """A bf16 base under float32 adapters (the SmolLM2 studies) takes the separate add, not ``addmm``: the output
+    stays bf16 and equals the base plus the float32 formula's delta, rounded once."""
+    layer = make_layer("topk", base=nn.Linear(IN, OUT).to(torch.bfloat16)).eval()
+    randomize(layer)
+    assert layer.lora_B.weight.dtype == torch.float32
+    x = inputs(2, 5, IN).to(torch.bfloat16)
+    y = layer(x)
+    assert y.dtype == torch.bfloat16
+    c, s = layer.config, layer.expert_dim
+    x_flat = x.reshape(-1, IN).float()
+    delta = sum(layer.last_gates[:, i:i + 1] * (c.lora_alpha / s) * (x_flat @ layer.lora_A.weight[i * s:(i + 1) * s].T
+                                                                     @ layer.lora_B.weight[:, i * s:(i + 1) * s].T)
+                for i in range(c.num_experts))
+    expected = layer.base_layer(x).reshape(-1, OUT) + delta.to(torch.bfloat16)
+    torch.testing.assert_close(y.reshape(-1, OUT), expected)
+
+
 def forward_matmuls(layer, x) -> int:
     """Matmul kernels (``mm``, ``addmm``) that one forward of ``layer`` runs."""
     with profile() as prof:
