@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from moelora_lit.config import MoELoRAConfig
 from moelora_lit.dropout import LoRADropout
+from moelora_lit.grouped_lora import grouped_lora
 from moelora_lit.layer import base_features
 from moelora_lit.methods import FFN_PROJECTIONS
 from moelora_lit.routed import RoutedAdapter
@@ -81,23 +82,18 @@ class MixLoRAFFN(RoutedAdapter):
         """``base + s * B_e A_e inputs`` of each row's expert: ``inputs`` (P, in) sorted by expert, after dropout,
         ``counts[e]`` rows of expert e, ``base`` (P, out) the frozen projection of the same rows; returns (P, out).
 
-        One matmul pair per expert with rows (the standard MoE dispatch), B's matmul accumulating into the rows of
-        ``base`` (``addmm``) where the dtypes agree. It measured as fast as ``torch.nn.functional.grouped_mm`` with
-        a custom backward on CPU (benchmarks/README.md), and it runs in every dtype and on every device."""
-        r = self.config.r
-        a_rows = self.lora_A[projection].weight.split(r, 0)                            # N x (r, in)
-        b_cols = self.lora_B[projection].weight.split(r, 1)                            # N x (out, r)
-        rows = inputs.split(counts)
-        low = [F.linear(x_e, a_rows[e]) * self.scaling for e, x_e in enumerate(rows)]  # N x (rows, r)
-        if base.dtype != b_cols[0].dtype:                                              # e.g. a bf16 base
-            parts = [F.linear(low[e], b_cols[e]) for e in range(len(low)) if counts[e]]
-            delta = torch.cat(parts) if parts else base.new_zeros(0, base.shape[1], dtype=b_cols[0].dtype)
-            return base + delta
-        parts = [torch.addmm(base_e, low[e], b_cols[e].t()) for e, base_e in enumerate(base.split(counts))
-                 if counts[e]]
-        if len(parts) == 1:
-            return parts[0]
-        return torch.cat(parts) if parts else base
+        One matmul pair per expert with rows (the standard MoE dispatch), written into the rows of one output
+        (:mod:`moelora_lit.grouped_lora`). It measured as fast as ``torch.nn.functional.grouped_mm`` with a custom
+        backward on CPU (benchmarks/README.md), and it runs in every dtype and on every device."""
+        a_weight, b_weight = self.lora_A[projection].weight, self.lora_B[projection].weight
+        if base.dtype == b_weight.dtype:
+            return grouped_lora(inputs, a_weight, b_weight, base, counts, self.scaling)
+        r = self.config.r                                                              # e.g. a bf16 base
+        a_rows, b_cols = a_weight.split(r, 0), b_weight.split(r, 1)                    # N x (r, in), N x (out, r)
+        parts = [F.linear(F.linear(x_e, a_rows[e]) * self.scaling, b_cols[e])
+                 for e, x_e in enumerate(inputs.split(counts)) if counts[e]]
+        delta = torch.cat(parts) if parts else base.new_zeros(0, base.shape[1], dtype=b_weight.dtype)
+        return base + delta
 
     def forward(self, x: Tensor) -> Tensor:
         mlp, c, n = self.mlp, self.config, self.num_experts

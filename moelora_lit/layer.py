@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from moelora_lit.config import MoELoRAConfig
 from moelora_lit.dropout import LoRADropout
+from moelora_lit.dropped_projection import dropped_projection
 from moelora_lit.methods import CONTRASTIVE_LAYOUTS
 from moelora_lit.queues import register_queue
 from moelora_lit.routed import RoutedAdapter, in_backward
@@ -92,10 +93,13 @@ class MoELoRALinear(RoutedAdapter):
             self.router.reset_parameters()
 
     def forward(self, x: Tensor) -> Tensor:
-        result = self.base_layer(x)                                      # (..., out)
         c, n = self.config, self.num_experts
         tokens = x.numel() // self.in_features
-        x_flat = x.reshape(tokens, self.in_features).to(self.lora_B.weight.dtype)       # (T, in)
+        x_2d = x.reshape(tokens, self.in_features)
+        # The base runs on the (T, in) rows: its output is then a plain tensor, not a view, which B's product can
+        # be added into in place without autograd's view bookkeeping (a copy of the output in backward).
+        result = self.base_layer(x_2d)                                                # (T, out)
+        x_flat = x_2d.to(self.lora_B.weight.dtype)                                    # (T, in)
         mask = self._real_tokens(tokens, x.device)
         a, router_logits = self._project(x_flat)                                       # (T, rows of A), (T, N)
         logits = None
@@ -119,11 +123,12 @@ class MoELoRALinear(RoutedAdapter):
         mixed = (experts * gates.to(a.dtype)[..., None]).reshape(tokens, -1)           # (T, N * s)
         b_weight = self.lora_B.weight
         if result.dtype == b_weight.dtype:
-            # result + scaling * B mixed as one GEMM: the scaling rides in its alpha, the sum in its beta (its
-            # backward scales only the small (T, N * s) and (out, N * s) gradients).
-            result = torch.addmm(result.reshape(tokens, -1), mixed, b_weight.t(), alpha=gate_scale).view(result.shape)
+            # result + scaling * B mixed as one GEMM into the base's output, in place (a linear's backward does not
+            # read its output): the scaling rides in its alpha, the sum in its beta, and its backward scales only
+            # the small (T, N * s) and (out, N * s) gradients.
+            result = result.addmm_(mixed, b_weight.t(), alpha=gate_scale)
         else:                                                                          # e.g. a bf16 or 4-bit base
-            result = result + (F.linear(mixed, b_weight) * gate_scale).view(result.shape).to(result.dtype)
+            result = result + (F.linear(mixed, b_weight) * gate_scale).to(result.dtype)
 
         self.last_gates = gates.detach()
         self.last_token_mask = mask
@@ -134,21 +139,25 @@ class MoELoRALinear(RoutedAdapter):
             self._record_aux(experts if self.layout in CONTRASTIVE_LAYOUTS else None, gates, chosen, logits, mask)
         else:
             self.aux_group.record(self, None, None)   # no terms; an earlier forward's anchors stay pending
-        return result
+        return result.view(*x.shape[:-1], self.out_features)
 
     def _project(self, x_flat: Tensor) -> tuple[Tensor, Tensor | None]:
         """A's projection of ``dropout(x)`` and the router's logits of ``x`` (None without a router).
 
         The weights are read directly (``F.linear``), not through the submodules' calls: at decoding's few tokens
-        per step a module call costs as much as the matmul it wraps. With gradients on and no dropout, the router
-        and A read the same input and run as one matmul against the stacked weights: fewer, larger matmuls forward
-        and backward (the stacking copies N + rows-of-A weight rows, a few KB); without gradients (decoding,
-        scoring) the copy would cost more than the second matmul it saves."""
+        per step a module call costs as much as the matmul it wraps. Training with dropout on CPU runs dropout, A
+        and the router as one autograd function (:mod:`moelora_lit.dropped_projection`). With gradients on and no
+        dropout, the router and A read the same input and run as one matmul against the stacked weights: fewer,
+        larger matmuls forward and backward (the stacking copies N + rows-of-A weight rows, a few KB); without
+        gradients (decoding, scoring) the copy would cost more than the second matmul it saves."""
         a_weight = self.lora_A.weight
-        dropped = x_flat if isinstance(self.lora_dropout, nn.Identity) else self.lora_dropout(x_flat)
-        if self.router is None:
+        router_weight = None if self.router is None else self.router.weight
+        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, LoRADropout) else 0.0
+        if p > 0 and x_flat.is_cpu:
+            return dropped_projection(x_flat, a_weight, router_weight, p)
+        dropped = x_flat if p == 0 else self.lora_dropout(x_flat)
+        if router_weight is None:
             return F.linear(dropped, a_weight), None
-        router_weight = self.router.weight
         if dropped is x_flat and torch.is_grad_enabled() and router_weight.dtype == a_weight.dtype:
             both = F.linear(x_flat, torch.cat([a_weight, router_weight]))
             a, logits = both.split([a_weight.shape[0], self.num_experts], dim=1)

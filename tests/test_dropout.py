@@ -6,10 +6,20 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from moelora_lit import MoELoRAConfig
-from moelora_lit.dropout import RESOLUTION, LoRADropout, keep_mask, keep_threshold
+from moelora_lit.dropout import (
+    RESOLUTION,
+    SPARSE_BELOW,
+    LoRADropout,
+    draw_drop,
+    drop_positions,
+    keep_mask,
+    keep_threshold,
+)
+from moelora_lit.dropped_projection import dropped_projection
 from moelora_lit.layer import MoELoRALinear
 
 
@@ -37,20 +47,85 @@ def test_masks_are_not_correlated_across_positions():
     assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / 500_000)
 
 
+@pytest.mark.parametrize("p", [0.05, 0.1])
+@pytest.mark.parametrize("batch", [None, 7])
+def test_sparse_positions_are_a_bernoulli_sequence(p, batch):
+    """Below SPARSE_BELOW the mask is the dropped positions, from geometric gaps: sorted, distinct, in range, rate p
+    and independent neighbours (P(both dropped) = p^2), within 5 standard errors of 1,000,000 draws; ``batch=7``
+    forces thousands of continuation draws, which must not change the distribution."""
+    assert p < SPARSE_BELOW
+    torch.manual_seed(6)
+    n = 1_000_000
+    positions = drop_positions(n, p, batch=batch)
+    assert positions.dtype == torch.int64 and (positions[1:] > positions[:-1]).all()
+    assert positions.min() >= 0 and positions.max() < n
+    assert abs(len(positions) / n - p) < 5 * math.sqrt(p * (1 - p) / n)
+    dropped = torch.zeros(n, dtype=torch.bool)
+    dropped[positions] = True
+    pairs = dropped.view(-1, 2)
+    both = (pairs[:, 0] & pairs[:, 1]).float().mean().item()
+    assert abs(both - p * p) < 5 * math.sqrt(p * p * (1 - p * p) / (n // 2))
+    gaps = positions.diff().float()                                     # geometric: mean 1/p, variance (1-p)/p^2
+    assert abs(gaps.mean().item() - 1 / p) < 5 * math.sqrt((1 - p) / p**2 / len(gaps))
+    assert abs(gaps.var().item() / ((1 - p) / p**2) - 1) < 0.05
+
+
+@pytest.mark.parametrize("p", [0.05, 0.2])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
-def test_forward_and_backward_use_one_mask(dtype):
+def test_forward_and_backward_use_one_mask(dtype, p):
+    """Both forms of the draw (positions below SPARSE_BELOW, the dense mask above) drop the same elements of the
+    input and of its gradient, and scale the kept ones by ``1 / keep rate``."""
     torch.manual_seed(2)
-    layer = LoRADropout(0.2)
+    layer = LoRADropout(p)
     x = (torch.rand(64, 96, dtype=dtype) + 1).requires_grad_()           # no zeros: every drop is visible
     out = layer(x)
     assert out.dtype == dtype
     kept = out != 0
-    scale = RESOLUTION / (RESOLUTION - keep_threshold(0.2))
+    assert 0 < (~kept).sum() < x.numel()
+    scale = 1 / (1 - p) if p < SPARSE_BELOW else RESOLUTION / (RESOLUTION - keep_threshold(p))
     torch.testing.assert_close(out[kept], (x * scale).to(dtype)[kept])
     grad = torch.randn_like(x)
     out.backward(grad)
     expected = torch.where(kept, grad * torch.tensor(scale, dtype=dtype), torch.zeros_like(grad))
     torch.testing.assert_close(x.grad, expected)
+
+
+@pytest.mark.parametrize("p", [0.05, 0.3])
+@pytest.mark.parametrize("router", [True, False])
+@pytest.mark.parametrize("train_a", [True, False])
+def test_dropped_projection_equals_dropout_then_linear(p, router, train_a):
+    """The fused dropout + A + router function gives the values and the gradients (x, A, router) of
+    ``F.linear(dropout(x), A), F.linear(x, R)`` with the same draw (float64), with or without a router and with a
+    frozen A (FlyLoRA)."""
+    torch.manual_seed(8)
+    x = torch.randn(40, 24, dtype=torch.float64, requires_grad=True)
+    a_weight = torch.randn(12, 24, dtype=torch.float64, requires_grad=train_a)
+    r_weight = torch.randn(4, 24, dtype=torch.float64, requires_grad=True) if router else None
+    g_a, g_logits = torch.randn(40, 12, dtype=torch.float64), torch.randn(40, 4, dtype=torch.float64)
+
+    def run(fn):
+        torch.manual_seed(9)
+        a, logits = fn()
+        loss = (a * g_a).sum() + ((logits * g_logits).sum() if router else 0)
+        grads = torch.autograd.grad(loss, [t for t in (x, a_weight, r_weight) if t is not None and t.requires_grad])
+        return (a, logits, *grads)
+
+    fused = run(lambda: dropped_projection(x, a_weight, r_weight, p))
+    reference = run(lambda: (F.linear(LoRADropout(p)(x), a_weight),
+                             F.linear(x, r_weight) if router else None))
+    assert not torch.allclose(fused[0], F.linear(x, a_weight))          # the draw dropped some inputs
+    for got, want in zip(fused, reference, strict=True):
+        if want is None:
+            assert got is None
+        else:
+            torch.testing.assert_close(got, want)
+
+
+def test_draw_drop_picks_its_form_by_p():
+    positions, scale = draw_drop(torch.Size([10, 10]), 0.05, torch.float32, torch.device("cpu"))
+    assert positions.dtype == torch.int64 and scale == pytest.approx(1 / 0.95)
+    mask, scale = draw_drop(torch.Size([10, 10]), 0.5, torch.float32, torch.device("cpu"))
+    assert mask.shape == (10, 10) and mask.dtype == torch.float32 and scale == pytest.approx(2.0)
 
 
 def test_eval_mode_and_p_zero_are_identity_and_seeds_reproduce():
