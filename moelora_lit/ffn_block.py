@@ -86,9 +86,9 @@ class MixLoRAFFN(RoutedAdapter):
         (:mod:`moelora_lit.grouped_lora`). It measured as fast as ``torch.nn.functional.grouped_mm`` with a custom
         backward on CPU (benchmarks/README.md), and it runs in every dtype and on every device."""
         a_weight, b_weight = self.lora_A[projection].weight, self.lora_B[projection].weight
-        if base.dtype == b_weight.dtype:
+        if base.dtype == b_weight.dtype and not torch.is_autocast_enabled(base.device.type):
             return grouped_lora(inputs, a_weight, b_weight, base, counts, self.scaling)
-        r = self.config.r                                                              # e.g. a bf16 base
+        r = self.config.r                                                # e.g. a bf16 base, or autocast
         a_rows, b_cols = a_weight.split(r, 0), b_weight.split(r, 1)                    # N x (r, in), N x (out, r)
         parts = [F.linear(F.linear(x_e, a_rows[e]) * self.scaling, b_cols[e])
                  for e, x_e in enumerate(inputs.split(counts)) if counts[e]]

@@ -163,3 +163,21 @@ def test_adapter_layer_uses_it_and_matches_a_reference_forward():
     full = torch.zeros(10, 4).scatter(-1, layer.router(x).topk(2, -1).indices, gates)
     mixed = (a.view(10, 4, 2) * full[..., None] * layer.scaling).reshape(10, -1)
     torch.testing.assert_close(trained, base(x) + layer.lora_B(mixed))
+
+
+@pytest.mark.parametrize("method", ["moelora", "mola", "flylora", "mixlora"])
+def test_training_step_under_cpu_autocast_with_dropout(method):
+    """Under bf16 autocast on CPU (``precision: bf16-mixed``) the fused CPU functions step aside, so autograd's
+    casts apply: the backward runs, the adapters' gradients are float32 and finite, and the routers and B get some."""
+    from family import build
+
+    model = build(method, lora_dropout=0.1).train()
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    torch.manual_seed(1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    grads = {n: p.grad for n, p in model.named_parameters() if p.requires_grad}
+    assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
+                         for g in grads.values())
+    assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
