@@ -59,8 +59,11 @@ def bounded_softmax_moments(scaled: Tensor, entries: Tensor, bias: Tensor) -> tu
     """
     dim = scaled.shape[1]
     # Anchors and entries as (s, A) and (s, C) rows: contiguous vector loads along both in the fused loop
-    # (1.4x faster at 2 threads than the (A, s) layout, whose strided loads Inductor repeats per entry).
-    scaled_t, keys_t = scaled.T.contiguous(), entries.T.contiguous()
+    # (1.4x faster at 2 threads than the (A, s) layout, whose strided loads Inductor repeats per entry). The
+    # anchors' rows are built by ``cat``, which Inductor writes to a buffer: a transposed copy it would fuse into
+    # the loop, gathering 16 strided anchors per entry (0.85-0.89 against 1.00 ms per layer at 2 threads).
+    scaled_t = torch.cat([scaled[:, d][None] for d in range(dim)])                     # (s, A)
+    keys_t = entries.T.contiguous()                                                     # (s, C)
     shift = scaled_t.norm(dim=0) * keys_t.norm(dim=0).amax()                            # (A,)
     logits = bias - shift[:, None]                                                      # (A, C)
     for d in range(dim):
