@@ -23,6 +23,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 RESOLUTION = 1 << 15     # the dense mask's uniform integers take values 0 .. 2^15 - 1
 SPARSE_BELOW = 0.15      # below this p the positions are cheaper than the dense mask (benchmarks/README.md)
@@ -99,7 +100,7 @@ def zero_dropped_(t: Tensor, drop: Tensor) -> Tensor:
 
 class _Dropout(torch.autograd.Function):
     """``apply_drop(x)`` forward and ``apply_drop(grad)`` backward, keeping only the draw (checkpointing-safe: it is
-    saved with ``save_for_backward``)."""
+    saved with ``save_for_backward``); no double backward."""
 
     @staticmethod
     def forward(ctx, x: Tensor, p: float) -> Tensor:
@@ -108,6 +109,7 @@ class _Dropout(torch.autograd.Function):
         return apply_drop(x, drop, ctx.scale)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:
         (drop,) = ctx.saved_tensors
         return apply_drop(grad, drop, ctx.scale), None

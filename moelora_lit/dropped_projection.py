@@ -5,7 +5,8 @@ dropped input, and backward builds two (T, in) gradients for ``x`` (through the 
 them. Here forward zeroes the dropped elements of one copy of ``x`` (the scale ``1 / keep rate`` is applied to
 the small (T, rows) projection instead), and backward writes ``x``'s gradient once: the mask's zeros go into the
 (T, in) product ``(scale * dA) A``, and the router's term is accumulated into it in place (``addmm_``). Values and
-gradients are those of ``F.linear(dropout(x), A), F.linear(x, R)`` with the same draw (tests/test_dropout.py).
+gradients are those of ``F.linear(dropout(x), A), F.linear(x, R)`` with the same draw (tests/test_dropout.py); it saves
+only what the gradients that are needed read (a frozen A: not the dropped copy), and it has no double backward.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from moelora_lit.dropout import apply_drop, draw_drop, zero_dropped_
 
@@ -25,10 +27,13 @@ class _DroppedProjection(torch.autograd.Function):
         a = F.linear(dropped, a_weight).mul_(scale)                        # (T, rows)
         logits = None if router_weight is None else F.linear(x, router_weight)   # (T, N)
         ctx.scale = scale
-        ctx.save_for_backward(x, dropped, drop, a_weight, router_weight)
+        need_x, need_a, need_router = ctx.needs_input_grad[:3]
+        ctx.save_for_backward(x if need_router else None, dropped if need_a else None, drop,
+                              a_weight if need_x else None, router_weight if need_x else None)
         return a, logits
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_a: Tensor, grad_logits: Tensor | None):
         x, dropped, drop, a_weight, router_weight = ctx.saved_tensors
         need_x, need_a, need_router = ctx.needs_input_grad[:3]
@@ -36,7 +41,7 @@ class _DroppedProjection(torch.autograd.Function):
         grad_x = grad_a_weight = grad_router = None
         if need_a:
             grad_a_weight = grad_a.t() @ dropped                           # (rows, in)
-        if router_weight is not None and grad_logits is not None and need_router:
+        if x is not None and grad_logits is not None:                      # the router's weight needs a gradient
             grad_router = grad_logits.t() @ x                              # (N, in)
         if need_x:
             grad_x = zero_dropped_(grad_a @ a_weight, drop)                # (T, in), zeros where dropped

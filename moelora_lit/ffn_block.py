@@ -78,16 +78,18 @@ class MixLoRAFFN(RoutedAdapter):
     def router_name(self) -> str:
         return "block"
 
-    def _projection(self, projection: str, inputs: Tensor, counts: list[int], base: Tensor) -> Tensor:
+    def _projection(self, projection: str, inputs: Tensor, counts: list[int], base: Tensor,
+                    owned: bool = False) -> Tensor:
         """``base + s * B_e A_e inputs`` of each row's expert: ``inputs`` (P, in) sorted by expert, after dropout,
-        ``counts[e]`` rows of expert e, ``base`` (P, out) the frozen projection of the same rows; returns (P, out).
+        ``counts[e]`` rows of expert e, ``base`` (P, out) the frozen projection of the same rows, written into in
+        place when ``owned`` (an intermediate of this forward that nothing else holds); returns (P, out).
 
         One matmul pair per expert with rows (the standard MoE dispatch), written into the rows of one output
         (:mod:`moelora_lit.grouped_lora`). It measured as fast as ``torch.nn.functional.grouped_mm`` with a custom
         backward on CPU (benchmarks/README.md), and it runs in every dtype and on every device."""
         a_weight, b_weight = self.lora_A[projection].weight, self.lora_B[projection].weight
         if base.dtype == b_weight.dtype and not torch.is_autocast_enabled(base.device.type):
-            return grouped_lora(inputs, a_weight, b_weight, base, counts, self.scaling)
+            return grouped_lora(inputs, a_weight, b_weight, base, counts, self.scaling, in_place=owned)
         r = self.config.r                                                # e.g. a bf16 base, or autocast
         a_rows, b_cols = a_weight.split(r, 0), b_weight.split(r, 1)                    # N x (r, in), N x (out, r)
         parts = [F.linear(F.linear(x_e, a_rows[e]) * self.scaling, b_cols[e])
@@ -116,8 +118,8 @@ class MixLoRAFFN(RoutedAdapter):
         # Dropout on the T tokens, one mask per projection shared by a token's slots (half the random draws of
         # dropping the P sorted rows); the down projection's input differs per slot and is dropped per row.
         gate_x, up_x = (self.lora_dropout(adapter_x).index_select(0, token_of) for _ in range(2))   # (P, H)
-        gate = self._projection("gate_proj", gate_x, counts, mlp.gate_proj(x_flat).index_select(0, token_of))
-        up = self._projection("up_proj", up_x, counts, mlp.up_proj(x_flat).index_select(0, token_of))   # (P, I)
+        gate = self._projection("gate_proj", gate_x, counts, mlp.gate_proj(x_flat).index_select(0, token_of), True)
+        up = self._projection("up_proj", up_x, counts, mlp.up_proj(x_flat).index_select(0, token_of), True)   # (P, I)
         hidden = mlp.act_fn(gate) * up                                                 # (P, I)
         down = self._projection("down_proj", self.lora_dropout(hidden.to(adapter_dtype)), counts,
                                 mlp.down_proj(hidden.to(x.dtype)))

@@ -5,7 +5,8 @@ and so on, it returns ``base + scaling * B_e A_e inputs`` row by row, with ``A``
 holding the experts' LoRAs side by side. Autograd over a loop of per-expert matmuls would split the inputs and the
 weights into views and ``cat`` the per-expert outputs, and its backward would ``cat`` every split's gradients
 again: five copies of (P, in)- or (P, out)-sized data per projection. Here forward and backward write each
-expert's matmuls straight into its rows of the base's output (``out=``, ``addmm_``), so nothing is copied. Values and
+expert's matmuls straight into its rows of one output (``out=``, ``addmm_``): the base's rows themselves
+when the caller owns them (``in_place``), else a copy of them. Values and
 gradients are those of the loop (tests/test_grouped_lora.py).
 """
 
@@ -13,31 +14,37 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 
 class _GroupedLoRA(torch.autograd.Function):
+    # ``base`` comes first: autograd expects a tensor that a Function modifies in place (``mark_dirty``) to be its
+    # first input when it is a view.
     @staticmethod
-    def forward(ctx, inputs: Tensor, a_weight: Tensor, b_weight: Tensor, base: Tensor, counts: list[int],
-                scaling: float) -> Tensor:
+    def forward(ctx, base: Tensor, inputs: Tensor, a_weight: Tensor, b_weight: Tensor, counts: list[int],
+                scaling: float, in_place: bool) -> Tensor:
         r = a_weight.shape[0] // len(counts)
         low = inputs.new_empty(inputs.shape[0], r)                               # (P, r), unscaled
+        out = base if in_place else base.clone()                                 # (P, out)
         start = 0
         for e, rows in enumerate(counts):
             if rows:
                 end = start + rows
                 torch.mm(inputs[start:end], a_weight[e * r:(e + 1) * r].t(), out=low[start:end])
-                base[start:end].addmm_(low[start:end], b_weight[:, e * r:(e + 1) * r].t(), alpha=scaling)
+                out[start:end].addmm_(low[start:end], b_weight[:, e * r:(e + 1) * r].t(), alpha=scaling)
                 start = end
         ctx.counts, ctx.scaling, ctx.r = counts, scaling, r
         ctx.save_for_backward(inputs, low, a_weight, b_weight)
-        ctx.mark_dirty(base)
-        return base
+        if in_place:
+            ctx.mark_dirty(base)
+        return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out: Tensor):
         inputs, low, a_weight, b_weight = ctx.saved_tensors
         r, scaling = ctx.r, ctx.scaling
-        need_inputs, need_a, need_b = ctx.needs_input_grad[:3]
+        need_inputs, need_a, need_b = ctx.needs_input_grad[1:4]
         grad_inputs = torch.empty_like(inputs) if need_inputs else None
         grad_a = torch.zeros_like(a_weight) if need_a else None                  # experts without rows: 0
         grad_b = torch.zeros_like(b_weight) if need_b else None                  # (out, N*r)
@@ -59,12 +66,13 @@ class _GroupedLoRA(torch.autograd.Function):
             start = end
         if need_b:
             grad_b.mul_(scaling)
-        return grad_inputs, grad_a, grad_b, grad_out, None, None
+        return grad_out, grad_inputs, grad_a, grad_b, None, None, None
 
 
 def grouped_lora(inputs: Tensor, a_weight: Tensor, b_weight: Tensor, base: Tensor, counts: list[int],
-                 scaling: float) -> Tensor:
+                 scaling: float, in_place: bool = False) -> Tensor:
     """``base + scaling * B_e A_e inputs`` for each expert ``e``'s ``counts[e]`` consecutive rows (P = sum of
-    counts), written into ``base`` in place and returned; ``inputs`` (P, in), ``a_weight`` (N*r, in), ``b_weight``
-    (out, N*r), ``base`` (P, out, an intermediate that nothing else reads), all one dtype."""
-    return _GroupedLoRA.apply(inputs, a_weight, b_weight, base, counts, scaling)
+    counts); ``inputs`` (P, in), ``a_weight`` (N*r, in), ``b_weight`` (out, N*r), ``base`` (P, out), all one dtype.
+    With ``in_place`` the sum is written into ``base`` and returned: only for an intermediate that nothing else holds
+    (MixLoRA's gathered rows), never a module's output that hooks may keep. No double backward."""
+    return _GroupedLoRA.apply(base, inputs, a_weight, b_weight, counts, scaling, in_place)

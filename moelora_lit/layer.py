@@ -96,8 +96,7 @@ class MoELoRALinear(RoutedAdapter):
         c, n = self.config, self.num_experts
         tokens = x.numel() // self.in_features
         x_2d = x.reshape(tokens, self.in_features)
-        # The base runs on the (T, in) rows: its output is then a plain tensor, not a view, which B's product can
-        # be added into in place without autograd's view bookkeeping (a copy of the output in backward).
+        # The base runs on the (T, in) rows: its (T, out) output takes B's product with no reshaping around it.
         result = self.base_layer(x_2d)                                                # (T, out)
         x_flat = x_2d.to(self.lora_B.weight.dtype)                                    # (T, in)
         mask = self._real_tokens(tokens, x.device)
@@ -123,10 +122,10 @@ class MoELoRALinear(RoutedAdapter):
         mixed = (experts * gates.to(a.dtype)[..., None]).reshape(tokens, -1)           # (T, N * s)
         b_weight = self.lora_B.weight
         if result.dtype == b_weight.dtype:
-            # result + scaling * B mixed as one GEMM into the base's output, in place (a linear's backward does not
-            # read its output): the scaling rides in its alpha, the sum in its beta, and its backward scales only
-            # the small (T, N * s) and (out, N * s) gradients.
-            result = result.addmm_(mixed, b_weight.t(), alpha=gate_scale)
+            # result + scaling * B mixed as one GEMM: the scaling rides in its alpha, the sum in its beta, and its
+            # backward scales only the small (T, N * s) and (out, N * s) gradients. Out of place: the base's output
+            # may be held by hooks or selective checkpointing.
+            result = torch.addmm(result, mixed, b_weight.t(), alpha=gate_scale)
         else:                                                                          # e.g. a bf16 or 4-bit base
             result = result + (F.linear(mixed, b_weight) * gate_scale).to(result.dtype)
 
@@ -153,7 +152,8 @@ class MoELoRALinear(RoutedAdapter):
         gradients (decoding, scoring) the copy would cost more than the second matmul it saves."""
         a_weight = self.lora_A.weight
         router_weight = None if self.router is None else self.router.weight
-        p = self.lora_dropout.p if self.training and isinstance(self.lora_dropout, LoRADropout) else 0.0
+        dropout = self.lora_dropout
+        p = dropout.p if isinstance(dropout, LoRADropout) and dropout.training else 0.0
         if p > 0 and x_flat.is_cpu and not torch.is_autocast_enabled("cpu"):   # autocast: autograd casts
             return dropped_projection(x_flat, a_weight, router_weight, p)
         dropped = x_flat if p == 0 else self.lora_dropout(x_flat)

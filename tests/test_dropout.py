@@ -181,3 +181,34 @@ def test_training_step_under_cpu_autocast_with_dropout(method):
     assert grads and all(g is not None and g.dtype == torch.float32 and torch.isfinite(g).all()
                          for g in grads.values())
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
+
+
+def test_hooks_on_the_base_see_its_own_output_and_double_backward_fails_loudly():
+    """B's product is added out of place, so a forward hook on the base keeps the base's output and a full backward
+    hook on it works; the fused CPU functions have no second derivative and say so instead of returning a wrong one."""
+    torch.manual_seed(10)
+    base = nn.Linear(16, 12)
+    layer = MoELoRALinear(base, MoELoRAConfig(r=8, num_experts=4, top_k=2, lora_dropout=0.05, target_modules=["x"],
+                                              contrastive_weight=0.0, balance_weight=0.0)).train()
+    nn.init.normal_(layer.lora_B.weight)
+    seen = {}
+
+    def keep_output(module, args, output):
+        seen["output"] = output.detach().clone()      # what the base returned, as it left the hook
+        seen["held"] = output                         # and the tensor itself, as a hook could keep it
+
+    def keep_grad(module, grad_in, grad_out):
+        seen["grad"] = grad_out[0]
+
+    base.register_forward_hook(keep_output)
+    base.register_full_backward_hook(keep_grad)
+    x = torch.randn(6, 16, requires_grad=True)
+    y = layer(x)
+    torch.testing.assert_close(seen["held"], seen["output"])   # nothing wrote into the held output
+    torch.testing.assert_close(seen["output"], base(x))
+    assert not torch.allclose(y, base(x))
+    y.sum().backward()
+    assert seen["grad"] is not None and x.grad is not None
+    first, = torch.autograd.grad(layer(x).square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        first.sum().backward()
