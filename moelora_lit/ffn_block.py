@@ -25,7 +25,7 @@ from moelora_lit.dropout import LoRADropout
 from moelora_lit.grouped_lora import grouped_lora
 from moelora_lit.layer import base_features
 from moelora_lit.methods import FFN_PROJECTIONS
-from moelora_lit.routed import RoutedAdapter
+from moelora_lit.routed import RoutedAdapter, output_is_private
 from moelora_lit.routers import route
 
 
@@ -122,7 +122,7 @@ class MixLoRAFFN(RoutedAdapter):
         up = self._projection("up_proj", up_x, counts, mlp.up_proj(x_flat).index_select(0, token_of), True)   # (P, I)
         hidden = mlp.act_fn(gate) * up                                                 # (P, I)
         down = self._projection("down_proj", self.lora_dropout(hidden.to(adapter_dtype)), counts,
-                                mlp.down_proj(hidden.to(x.dtype)))
+                                mlp.down_proj(hidden.to(x.dtype)), output_is_private(mlp.down_proj))
         weighted = down * weights[:, None].to(down.dtype)                              # (P, H)
         out = weighted.new_zeros(tokens, self.hidden).index_add(0, token_of, weighted)  # (T, H)
         self.last_gates = gates.detach()

@@ -13,7 +13,7 @@ from moelora_lit.dropout import LoRADropout
 from moelora_lit.dropped_projection import dropped_projection
 from moelora_lit.methods import CONTRASTIVE_LAYOUTS
 from moelora_lit.queues import register_queue
-from moelora_lit.routed import RoutedAdapter, in_backward
+from moelora_lit.routed import RoutedAdapter, in_backward, output_is_private
 from moelora_lit.routers import implicit_route, route, sparse_random_projection
 
 __all__ = ["MoELoRALinear", "base_features", "in_backward", "route"]
@@ -123,9 +123,12 @@ class MoELoRALinear(RoutedAdapter):
         b_weight = self.lora_B.weight
         if result.dtype == b_weight.dtype:
             # result + scaling * B mixed as one GEMM: the scaling rides in its alpha, the sum in its beta, and its
-            # backward scales only the small (T, N * s) and (out, N * s) gradients. Out of place: the base's output
-            # may be held by hooks or selective checkpointing.
-            result = torch.addmm(result, mixed, b_weight.t(), alpha=gate_scale)
+            # backward scales only the small (T, N * s) and (out, N * s) gradients. In place (no copy of the output)
+            # unless a hook on the base could hold its output.
+            if output_is_private(self.base_layer):
+                result = result.addmm_(mixed, b_weight.t(), alpha=gate_scale)
+            else:
+                result = torch.addmm(result, mixed, b_weight.t(), alpha=gate_scale)
         else:                                                                          # e.g. a bf16 or 4-bit base
             result = result + (F.linear(mixed, b_weight) * gate_scale).to(result.dtype)
 

@@ -18,6 +18,15 @@ def in_backward() -> bool:
     return torch._C._current_graph_task_id() != -1
 
 
+def output_is_private(module: nn.Module) -> bool:
+    """Whether no hook can hold ``module``'s output: no forward or backward hooks on it and no global module hooks.
+    Then an adapter may add into that output in place (a linear's backward does not read it); with a hook, a kept
+    output would change under it, or a full backward hook's view would refuse the write."""
+    hooks = torch.nn.modules.module
+    return not (module._forward_hooks or module._backward_hooks or module._backward_pre_hooks
+                or hooks._global_forward_hooks or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
 class RoutedAdapter(nn.Module):
     """Base of the family's adapters.
 

@@ -183,14 +183,42 @@ def test_training_step_under_cpu_autocast_with_dropout(method):
     assert any(g.abs().sum() > 0 for n, g in grads.items() if "lora_B" in n)
 
 
+def gemms(layer, x) -> set[str]:
+    """The GEMM ops of one forward of ``layer``."""
+    from torch.profiler import profile
+
+    with profile() as prof:
+        layer(x)
+    return {e.key for e in prof.key_averages() if e.key.startswith("aten::addmm")}
+
+
+def test_a_full_backward_hook_on_mixlora_down_projection_works():
+    """MixLoRA writes into the down projection's output in place only when no hook can hold it."""
+    from family import build
+
+    from moelora_lit.ffn_block import MixLoRAFFN
+
+    model = build("mixlora", lora_dropout=0.05).train()
+    grads = []
+    for module in model.modules():
+        if isinstance(module, MixLoRAFFN):
+            module.mlp.down_proj.register_full_backward_hook(lambda m, grad_in, grad_out: grads.append(grad_out[0]))
+    ids = torch.randint(3, 96, (2, 12), generator=torch.Generator().manual_seed(0))
+    model(input_ids=ids, labels=ids).loss.backward()
+    assert grads and all(g is not None for g in grads)
+
+
 def test_hooks_on_the_base_see_its_own_output_and_double_backward_fails_loudly():
-    """B's product is added out of place, so a forward hook on the base keeps the base's output and a full backward
-    hook on it works; the fused CPU functions have no second derivative and say so instead of returning a wrong one."""
+    """B's product goes into the base's output in place only while no hook can hold that output: with hooks it is
+    added out of place, so a forward hook keeps the base's own output and a full backward hook works. The fused CPU
+    functions have no second derivative and say so instead of returning a wrong one."""
     torch.manual_seed(10)
     base = nn.Linear(16, 12)
     layer = MoELoRALinear(base, MoELoRAConfig(r=8, num_experts=4, top_k=2, lora_dropout=0.05, target_modules=["x"],
                                               contrastive_weight=0.0, balance_weight=0.0)).train()
     nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(6, 16, requires_grad=True)
+    assert "aten::addmm_" in gemms(layer, x)                           # nothing can see the base's output: in place
     seen = {}
 
     def keep_output(module, args, output):
@@ -202,7 +230,7 @@ def test_hooks_on_the_base_see_its_own_output_and_double_backward_fails_loudly()
 
     base.register_forward_hook(keep_output)
     base.register_full_backward_hook(keep_grad)
-    x = torch.randn(6, 16, requires_grad=True)
+    assert gemms(layer, x) >= {"aten::addmm"} and "aten::addmm_" not in gemms(layer, x)
     y = layer(x)
     torch.testing.assert_close(seen["held"], seen["output"])   # nothing wrote into the held output
     torch.testing.assert_close(seen["output"], base(x))
