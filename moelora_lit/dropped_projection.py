@@ -36,7 +36,7 @@ class _DroppedProjection(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_a: Tensor, grad_logits: Tensor | None):
         x, dropped, drop, a_weight, router_weight = ctx.saved_tensors
-        need_x, need_a, need_router = ctx.needs_input_grad[:3]
+        need_x, need_a = ctx.needs_input_grad[:2]                          # the router's: x saved or not
         grad_a = grad_a * ctx.scale                                        # (T, rows)
         grad_x = grad_a_weight = grad_router = None
         if need_a:

@@ -5,9 +5,9 @@ and so on, it returns ``base + scaling * B_e A_e inputs`` row by row, with ``A``
 holding the experts' LoRAs side by side. Autograd over a loop of per-expert matmuls would split the inputs and the
 weights into views and ``cat`` the per-expert outputs, and its backward would ``cat`` every split's gradients
 again: five copies of (P, in)- or (P, out)-sized data per projection. Here forward and backward write each
-expert's matmuls straight into its rows of one output (``out=``, ``addmm_``): the base's rows themselves
-when the caller owns them (``in_place``), else a copy of them. Values and
-gradients are those of the loop (tests/test_grouped_lora.py).
+expert's matmuls straight into its rows of one output (``out=``, ``addmm_``): the base's rows themselves when
+nothing else holds them (``in_place``), else a copy of them. Values and gradients are those of the loop
+(tests/test_grouped_lora.py).
 """
 
 from __future__ import annotations
@@ -73,6 +73,7 @@ def grouped_lora(inputs: Tensor, a_weight: Tensor, b_weight: Tensor, base: Tenso
                  scaling: float, in_place: bool = False) -> Tensor:
     """``base + scaling * B_e A_e inputs`` for each expert ``e``'s ``counts[e]`` consecutive rows (P = sum of
     counts); ``inputs`` (P, in), ``a_weight`` (N*r, in), ``b_weight`` (out, N*r), ``base`` (P, out), all one dtype.
-    With ``in_place`` the sum is written into ``base`` and returned: only for an intermediate that nothing else holds
-    (MixLoRA's gathered rows), never a module's output that hooks may keep. No double backward."""
+    With ``in_place`` the sum is written into ``base`` and returned: only for a tensor that nothing else holds
+    (MixLoRA's gathered rows, or a module's output while no hook can hold it, ``routed.output_is_private``). No
+    double backward."""
     return _GroupedLoRA.apply(base, inputs, a_weight, b_weight, counts, scaling, in_place)

@@ -149,10 +149,10 @@ class MoELoRALinear(RoutedAdapter):
         The weights are read directly (``F.linear``), not through the submodules' calls: at decoding's few tokens
         per step a module call costs as much as the matmul it wraps. Training with dropout on CPU runs dropout, A
         and the router as one autograd function (:mod:`moelora_lit.dropped_projection`), except under autocast,
-        whose casts belong to autograd's graph. With gradients on and no
-        dropout, the router and A read the same input and run as one matmul against the stacked weights: fewer,
-        larger matmuls forward and backward (the stacking copies N + rows-of-A weight rows, a few KB); without
-        gradients (decoding, scoring) the copy would cost more than the second matmul it saves."""
+        whose casts belong to autograd's graph. With gradients on and no dropout, the router and A read the same
+        input and run as one matmul against the stacked weights: fewer, larger matmuls forward and backward (the
+        stacking copies N + rows-of-A weight rows, a few KB); without gradients (decoding, scoring) the copy would
+        cost more than the second matmul it saves."""
         a_weight = self.lora_A.weight
         router_weight = None if self.router is None else self.router.weight
         dropout = self.lora_dropout
